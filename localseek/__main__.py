@@ -1,0 +1,3 @@
+from localseek.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The Checkpoint interface and ``open_checkpoint``, which picks the reader for a path."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+from localseek.config import ModelConfig
+from localseek.errors import CheckpointError
+from localseek.quant import Weight
+
+
+class Checkpoint(ABC):
+    """A model on disk: its config, its tensors under canonical names, its tokenizer files."""
+
+    path: Path
+    config: ModelConfig
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Canonical names of the tensors the model uses (MTP layers left out)."""
+
+    @abstractmethod
+    def tensor(self, name: str) -> Weight:
+        """One tensor by canonical name, memory-mapped where the format allows it."""
+
+    @abstractmethod
+    def nbytes(self, name: str) -> int:
+        """Bytes the tensor occupies in the file (quantized data plus scales)."""
+
+    def tokenizer_dir(self) -> Path | None:
+        """Folder holding tokenizer.json and tokenizer_config.json, if any."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release file handles."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def check_complete(self) -> None:
+        """Fail with one sentence if a tensor the model needs is absent or has a wrong shape."""
+        have = set(self.names())
+        for name, shape in expected_shapes(self.config).items():
+            if name not in have:
+                raise CheckpointError(f"{self.path}: tensor '{name}' is missing "
+                                      f"({self.describe(name)}).")
+            got = self.shape(name)
+            if tuple(got) != shape:
+                raise CheckpointError(f"{self.path}: tensor {self.describe(name)} has shape "
+                                      f"{tuple(got)}, the config needs {shape}.")
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Logical shape of a tensor without reading it."""
+
+    def describe(self, name: str) -> str:
+        """The tensor's name in the file's own terms, for error messages."""
+        return name
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor the model needs, with its shape (out, in) for matrices."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, D), "norm": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["head"] = (cfg.vocab_size, D)
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm"] = (D,)
+        shapes[p + "ffn_norm"] = (D,)
+        if cfg.q_lora_rank is None:
+            shapes[p + "attn.wq"] = (H * cfg.qk_head_dim, D)
+        else:
+            shapes[p + "attn.wq_a"] = (cfg.q_lora_rank, D)
+            shapes[p + "attn.q_norm"] = (cfg.q_lora_rank,)
+            shapes[p + "attn.wq_b"] = (H * cfg.qk_head_dim, cfg.q_lora_rank)
+        shapes[p + "attn.wkv_a"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
+        shapes[p + "attn.kv_norm"] = (cfg.kv_lora_rank,)
+        shapes[p + "attn.wkv_b"] = (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        shapes[p + "attn.wo"] = (D, H * cfg.v_head_dim)
+        if not cfg.is_moe_layer(i):
+            _mlp(shapes, p + "ffn.", D, cfg.intermediate_size)
+            continue
+        shapes[p + "ffn.gate"] = (cfg.n_routed_experts, D)
+        if cfg.topk_method == "noaux_tc":
+            shapes[p + "ffn.gate_bias"] = (cfg.n_routed_experts,)
+        if cfg.n_shared_experts:
+            _mlp(shapes, p + "ffn.shared.", D, cfg.n_shared_experts * cfg.moe_intermediate_size)
+        for e in range(cfg.n_routed_experts):
+            _mlp(shapes, p + f"ffn.experts.{e}.", D, cfg.moe_intermediate_size)
+    return shapes
+
+
+def _mlp(shapes: dict[str, tuple[int, ...]], prefix: str, dim: int, inter: int) -> None:
+    shapes[prefix + "w1"] = (inter, dim)
+    shapes[prefix + "w3"] = (inter, dim)
+    shapes[prefix + "w2"] = (dim, inter)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a Hugging Face checkpoint folder (config.json + safetensors)."""
+    from localseek.checkpoint.hf import HFCheckpoint
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory.")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return HFCheckpoint(p)
+        raise CheckpointError(f"{p}: no config.json here, so this is not a Hugging Face "
+                              "checkpoint folder.")
+    raise CheckpointError(f"{p}: not a model (expected a Hugging Face checkpoint folder).")

@@ -1,0 +1,195 @@
+"""Hugging Face checkpoints: config.json plus one or many safetensors shards.
+
+Tensors are opened through the safetensors library, which memory-maps each shard; a tensor is
+only read when the model asks for it. FP8 weights (float8_e4m3fn with a ``weight_scale_inv``
+per 128x128 block) are served as QTensors and dequantized exactly on use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from localseek.checkpoint.base import Checkpoint
+from localseek.config import ModelConfig
+from localseek.errors import CheckpointError
+from localseek.quant import QTensor, Weight
+from localseek.quant.fp8 import FP8_BLOCK, FP8_QTYPE, fp8_scale_shape
+
+_MLP = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_ATTN = {
+    "q_proj": "wq", "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
+    "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b",
+    "o_proj": "wo",
+}
+
+# Hugging Face name -> canonical name. One table; the model never sees these names.
+HF_NAME_TABLE: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), r) for p, r in [
+        (r"model\.embed_tokens\.weight", "embed"),
+        (r"model\.norm\.weight", "norm"),
+        (r"lm_head\.weight", "head"),
+        (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm"),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm"),
+        *[(rf"model\.layers\.(\d+)\.self_attn\.{hf}\.weight", rf"layers.\1.attn.{c}")
+          for hf, c in _ATTN.items()],
+        *[(rf"model\.layers\.(\d+)\.mlp\.{hf}\.weight", rf"layers.\1.ffn.{c}")
+          for hf, c in _MLP.items()],
+        (r"model\.layers\.(\d+)\.mlp\.gate\.weight", r"layers.\1.ffn.gate"),
+        (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", r"layers.\1.ffn.gate_bias"),
+        *[(rf"model\.layers\.(\d+)\.mlp\.shared_experts\.{hf}\.weight", rf"layers.\1.ffn.shared.{c}")
+          for hf, c in _MLP.items()],
+        *[(rf"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.{hf}\.weight",
+           rf"layers.\1.ffn.experts.\2.{c}") for hf, c in _MLP.items()],
+    ]
+]
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_SCALE_SUFFIX = "_scale_inv"
+
+
+def canonical_name(hf_name: str) -> str | None:
+    for pattern, repl in HF_NAME_TABLE:
+        if pattern.fullmatch(hf_name):
+            return pattern.sub(repl, hf_name)
+    return None
+
+
+class HFCheckpoint(Checkpoint):
+    def __init__(self, path: Path):
+        self.path = path
+        self.config = ModelConfig.from_json_file(path / "config.json")
+        self._check_quantization(self.config.extra.get("quantization_config"))
+        self._files: dict[Path, Any] = {}
+        self._where: dict[str, tuple[Path, str]] = {}  # canonical -> (shard, hf name)
+        self._scales: dict[str, str] = {}  # hf weight name -> hf scale name
+        try:
+            self._index(self._shards())
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_quantization(self, qc: Any) -> None:
+        if not qc:
+            return
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        block = qc.get("weight_block_size") if isinstance(qc, dict) else None
+        fmt = qc.get("fmt", "e4m3") if isinstance(qc, dict) else None
+        if method != "fp8" or fmt != "e4m3" or (block and list(block) != [FP8_BLOCK, FP8_BLOCK]):
+            raise CheckpointError(
+                f"{self.path / 'config.json'}: quantization_config {qc} is not supported "
+                f"(localseek reads DeepSeek's fp8 e4m3 with {FP8_BLOCK}x{FP8_BLOCK} blocks)."
+            )
+
+    def _shards(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e}).") from e
+            shards = sorted({self.path / f for f in weight_map.values()})
+            for shard in shards:
+                if not shard.is_file():
+                    raise CheckpointError(f"{shard}: shard listed in {index.name} is missing.")
+            return shards
+        shards = sorted(self.path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{self.path}: no .safetensors weights next to config.json.")
+        return shards
+
+    def _index(self, shards: list[Path]) -> None:
+        n_layers = self.config.num_hidden_layers
+        for shard in shards:
+            try:
+                f = safe_open(str(shard), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{shard}: not a readable safetensors file, truncated or "
+                                      f"corrupt ({_short(e)}).") from e
+            self._files[shard] = f
+            for hf_name in f.keys():
+                if hf_name.endswith(_SCALE_SUFFIX):
+                    self._scales[hf_name[: -len(_SCALE_SUFFIX)]] = hf_name
+                    continue
+                layer = _LAYER.match(hf_name)
+                if layer and int(layer.group(1)) >= n_layers:
+                    continue  # multi-token-prediction layers: not used for inference
+                name = canonical_name(hf_name)
+                if name is not None:
+                    self._where[name] = (shard, hf_name)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def describe(self, name: str) -> str:
+        return self._where[name][1] if name in self._where else name
+
+    def _slice(self, hf_name: str, shard: Path) -> Any:
+        return self._files[shard].get_slice(hf_name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shard, hf_name = self._where[name]
+        return tuple(self._slice(hf_name, shard).get_shape())
+
+    def nbytes(self, name: str) -> int:
+        shard, hf_name = self._where[name]
+        total = _slice_nbytes(self._slice(hf_name, shard))
+        scale_name = self._scales.get(hf_name)
+        if scale_name is not None:
+            total += _slice_nbytes(self._scale_slice(scale_name))
+        return total
+
+    def _scale_slice(self, scale_name: str) -> Any:
+        for f in self._files.values():
+            if scale_name in f.keys():
+                return f.get_slice(scale_name)
+        raise CheckpointError(f"{self.path}: FP8 scale '{scale_name}' is missing.")
+
+    def tensor(self, name: str) -> Weight:
+        shard, hf_name = self._where[name]
+        try:
+            t = self._files[shard].get_tensor(hf_name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{shard}: cannot read tensor '{hf_name}' ({_short(e)}).") from e
+        if t.dtype == torch.float8_e4m3fn:
+            return self._fp8(hf_name, t)
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise CheckpointError(f"{shard}: tensor '{hf_name}' has dtype {t.dtype}; localseek "
+                                  "reads float32, float16, bfloat16 and float8_e4m3fn.")
+        return t
+
+    def _fp8(self, hf_name: str, data: torch.Tensor) -> QTensor:
+        scale_name = self._scales.get(hf_name)
+        if scale_name is None or data.dim() != 2:
+            raise CheckpointError(f"{self.path}: FP8 tensor '{hf_name}' has no 2-D "
+                                  f"'{hf_name}{_SCALE_SUFFIX}' block scale.")
+        scale = self._scale_slice(scale_name)[:]
+        want = fp8_scale_shape(tuple(data.shape))
+        if tuple(scale.shape) != want:
+            raise CheckpointError(f"{self.path}: '{scale_name}' has shape {tuple(scale.shape)}, "
+                                  f"a {tuple(data.shape)} weight in {FP8_BLOCK}x{FP8_BLOCK} "
+                                  f"blocks needs {want}.")
+        return QTensor(FP8_QTYPE, tuple(data.shape), data, scale.to(torch.float32))
+
+    def tokenizer_dir(self) -> Path | None:
+        return self.path if (self.path / "tokenizer.json").is_file() else None
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def _slice_nbytes(s: Any) -> int:
+    n = 1
+    for d in s.get_shape():
+        n *= d
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F64": 8, "I64": 8, "I32": 4,
+                "U8": 1, "I8": 1, "BOOL": 1}.get(s.get_dtype(), 4)
+    return n * itemsize
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().rstrip(".").split("\n")[0]

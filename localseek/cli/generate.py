@@ -1,0 +1,50 @@
+"""`localseek generate`: one prompt in, streamed text out, then the speed line."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from localseek.cli.common import add_model_args, load_from_args
+from localseek.errors import LocalseekError
+from localseek.tokenizer import StreamDecoder
+
+HELP = "generate text from one prompt"
+
+
+def setup_arg_parser(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--prompt", "-p", required=True, help="prompt text")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template as one user turn")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    model = load_from_args(args, err)
+    tok = model.tokenizer
+    if tok is None:
+        raise LocalseekError(f"{model.path}: no tokenizer.json, so text prompts cannot be encoded.")
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tok.encode(args.prompt)
+    gen = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    stream = StreamDecoder(tok)
+    out.print(args.prompt, end="", style="bold", markup=False)
+    for token in gen:
+        out.print(stream.push(token), end="", markup=False)
+    out.print(stream.flush(), markup=False)
+    s = gen.stats
+    err.print(f"[dim]prefill {s.prompt_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s, "
+              f"decode {s.decode_tokens_per_second:.1f} tok/s over {s.generated_tokens} tokens "
+              f"(stopped: {gen.stop_reason})[/dim]", soft_wrap=True)
+    return 0

@@ -1,0 +1,276 @@
+"""Builds the model from a checkpoint and runs it: full forward, prefill, decode, generate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from localseek.checkpoint import Checkpoint, expected_shapes, open_checkpoint
+from localseek.config import ModelConfig
+from localseek.errors import LocalseekError
+from localseek.model.kv_cache import KVCache
+from localseek.model.moe import ReferenceExperts
+from localseek.model.transformer import Transformer
+from localseek.options import DEFAULT_CTX, RuntimeOptions, set_threads
+from localseek.quant import QTensor, Weight, dense
+from localseek.sampling import Sampler, SamplingParams
+from localseek.tokenizer import Tokenizer
+
+_EXPERT = "ffn.experts."
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         threads: int | None = None, exact: bool = False, **options) -> Model:
+    """Load a DeepSeek-V2/V3 model.
+
+    Args:
+        path: a Hugging Face checkpoint folder.
+        device: torch device of the GPU tier ("cpu" or "cuda").
+        dtype: activation and dense-weight dtype; None means float32 on CPU, bfloat16 on CUDA.
+        threads: CPU threads for torch and numba (None leaves the defaults).
+        exact: float32 activations on exactly dequantised weights (the conformance mode).
+        **options: ctx (context length in tokens), progress (show a loading bar).
+    Returns:
+        A ready Model.
+    """
+    opts = RuntimeOptions.resolve(device, dtype, threads, exact, **options)
+    set_threads(opts.threads)
+    checkpoint = open_checkpoint(path)
+    try:
+        return Model(checkpoint, opts)
+    finally:
+        checkpoint.close()
+
+
+def _kept_nbytes(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes a tensor occupies once loaded: quantized weights stay as stored, the rest is dense."""
+    numel = int(np.prod(shape))
+    stored = ckpt.nbytes(name)
+    if name != "embed" and stored < 2 * numel:  # under 16 bits a weight: kept quantized
+        return stored
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # the first generated token comes from prefill; the rest are decode steps
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Model:
+    """A loaded model: ``config``, ``tokenizer``, ``logits()`` and ``generate()``."""
+
+    def __init__(self, checkpoint: Checkpoint, options: RuntimeOptions):
+        self.options = options
+        self.config: ModelConfig = checkpoint.config
+        self.path = checkpoint.path
+        cfg = self.config
+        checkpoint.check_complete()
+        self.ctx = options.ctx or min(cfg.max_position_embeddings, DEFAULT_CTX)
+        if self.ctx > cfg.max_position_embeddings:
+            raise LocalseekError(f"ctx {self.ctx} exceeds the model's max_position_embeddings "
+                                 f"({cfg.max_position_embeddings}).")
+        tok_dir = checkpoint.tokenizer_dir()
+        self.tokenizer: Tokenizer | None = Tokenizer.from_dir(tok_dir) if tok_dir else None
+        weights = self._load_weights(checkpoint)
+        experts: dict[int, list[tuple[Weight, Weight, Weight]]] = {}
+        for layer in cfg.moe_layers:
+            p = f"layers.{layer}.{_EXPERT}"
+            experts[layer] = [
+                (weights.pop(f"{p}{e}.w1"), weights.pop(f"{p}{e}.w2"), weights.pop(f"{p}{e}.w3"))
+                for e in range(cfg.n_routed_experts)
+            ]
+        self.experts = ReferenceExperts(experts)
+        self.net = Transformer(cfg, weights, self.experts, self.ctx, options.device)
+        self.net.eval()
+
+    def _load_weights(self, ckpt: Checkpoint) -> dict[str, Weight]:
+        opts = self.options
+        shapes = expected_shapes(self.config)
+        need = sum(_kept_nbytes(ckpt, n, s, opts.dtype) for n, s in shapes.items())
+        need += KVCache.bytes_per_token(self.config, opts.dtype) * self.ctx
+        available = psutil.virtual_memory().available
+        if opts.device.type == "cpu" and need > available:
+            raise LocalseekError(f"{ckpt.path}: the model needs {need / 2**30:.2f} GiB of RAM "
+                                 f"but only {available / 2**30:.2f} GiB is available.")
+        weights: dict[str, Weight] = {}
+        total = sum(ckpt.nbytes(n) for n in shapes)
+        with _progress(opts.progress, total, f"loading {ckpt.path.name}") as advance:
+            for name in shapes:
+                weights[name] = self._place(name, ckpt.tensor(name))
+                advance(ckpt.nbytes(name))
+        return weights
+
+    def _place(self, name: str, t: Weight) -> Weight:
+        opts = self.options
+        if isinstance(t, QTensor):
+            if name == "embed":  # gathered by row, never multiplied: keep it dense
+                return t.dequantize(opts.dtype).to(opts.device)
+            return t.to(opts.device)
+        return t.to(device=opts.device, dtype=opts.dtype)
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _check_ids(self, token_ids: list[int], room: int = 0) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise LocalseekError("the prompt is empty: give at least one token.")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise LocalseekError(f"token id {bad[0]} is outside the vocabulary "
+                                 f"(0..{self.config.vocab_size - 1}).")
+        if len(ids) + room > self.ctx:
+            raise LocalseekError(f"the prompt has {len(ids)} tokens but the context holds "
+                                 f"{self.ctx} (raise --ctx, up to "
+                                 f"{self.config.max_position_embeddings}).")
+        return ids
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config, batch, max_len or self.ctx, self.options.device,
+                       self.options.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False,
+                absorb: bool | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) float32 for tokens (B, T) at positions start.. into ``cache``."""
+        return self.net(tokens.to(self.options.device), start, cache, last_only, absorb)
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """One full forward of one sequence, no cache kept: float32 (T, vocab)."""
+        ids = self._check_ids(token_ids)
+        cache = self.new_cache(max_len=len(ids))
+        out = self.forward(torch.tensor([ids]), 0, cache)
+        return out[0].cpu().numpy()
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Generation:
+        """Token ids as they are produced (an iterator; its ``stats`` time prefill and decode)."""
+        ids = self._check_ids(token_ids)
+        if max_new_tokens < 0:
+            raise LocalseekError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        return Generation(self, ids, max_new_tokens, sampler)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = {self.config.eos_token_id} if self.config.eos_token_id is not None else set()
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return ids
+
+    def weights_nbytes(self) -> int:
+        """Bytes of weights held (dense plus quantized)."""
+        seen: set[int] = set()
+        total = 0
+        for w in _all_weights(self.net, self.experts):
+            key = id(w)
+            if key not in seen:
+                seen.add(key)
+                total += w.nbytes if isinstance(w, QTensor) else w.numel() * w.element_size()
+        return total
+
+
+def _all_weights(net: Transformer, experts: ReferenceExperts) -> Iterator[Weight]:
+    for module in net.modules():
+        for v in vars(module).values():
+            if isinstance(v, (torch.Tensor, QTensor)):
+                yield v
+    for layer in experts.weights.values():
+        for triple in layer:
+            yield from triple
+
+
+class Generation(Iterator[int]):
+    """Prefill on the first ``next()``, then one decode step per token; stops at EOS (not
+    yielded), at ``max_new_tokens`` or when the context is full."""
+
+    def __init__(self, model: Model, prompt: list[int], max_new_tokens: int, sampler: Sampler):
+        self.model = model
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.sampler = sampler
+        self.stats = GenerationStats(prompt_tokens=len(prompt))
+        self.tokens: list[int] = []
+        self._cache: KVCache | None = None
+        self._pos = 0
+        self._done = max_new_tokens == 0
+        self.stop_reason = "length" if self._done else ""
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> int:
+        if self._done:
+            raise StopIteration
+        m = self.model
+        t0 = time.perf_counter()
+        if self._cache is None:
+            self._cache = m.new_cache()
+            logits = m.forward(torch.tensor([self.prompt]), 0, self._cache, last_only=True)
+            self._pos = len(self.prompt)
+        else:
+            last = torch.tensor([[self.tokens[-1]]])
+            logits = m.forward(last, self._pos, self._cache)
+            self._pos += 1
+        token = self.sampler(logits[0, -1])
+        elapsed = time.perf_counter() - t0
+        if self.tokens:
+            self.stats.decode_seconds += elapsed
+        else:
+            self.stats.prefill_seconds += elapsed
+        if token in m.eos_ids:
+            self._finish("eos")
+            raise StopIteration
+        self.tokens.append(token)
+        self.stats.generated_tokens += 1
+        if len(self.tokens) >= self.max_new_tokens:
+            self._finish("length")
+        elif self._pos >= m.ctx:
+            self._finish("context")
+        return token
+
+    def _finish(self, reason: str) -> None:
+        self._done = True
+        self.stop_reason = reason
+        self._cache = None
+
+
+class _progress:
+    """A rich progress bar over bytes when enabled; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int, description: str):
+        self.enabled, self.total, self.description = enabled, total, description
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                             TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.description, total=self.total)
+        return lambda n: self._bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.stop()

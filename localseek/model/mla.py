@@ -1,0 +1,112 @@
+"""Multi-head Latent Attention (DeepSeek-V2 paper, section 2.1).
+
+Keys and values are rebuilt from a compressed latent c_kv; the cache stores only c_kv and the
+rotated shared key k_pe. Two equivalent ways to attend:
+
+- naive (prefill): expand c_kv through W_UK/W_UV (``wkv_b``) into per-head keys and values;
+- absorbed (decode): fold W_UK into the query and apply W_UV after attention, so attention runs
+  directly over the latent cache and nothing per-head is materialised for past tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localseek.config import ModelConfig
+from localseek.model.kv_cache import KVCache
+from localseek.model.norm import RMSNorm
+from localseek.model.rope import RotaryEmbedding
+from localseek.quant import Weight, dense, linear
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, w: dict[str, Weight]):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.num_attention_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = cfg.softmax_scale
+        if cfg.q_lora_rank is None:
+            self.wq = w["wq"]
+        else:
+            self.wq_a = w["wq_a"]
+            self.q_norm = RMSNorm(w["q_norm"], cfg.rms_norm_eps)
+            self.wq_b = w["wq_b"]
+        self.q_lora = cfg.q_lora_rank is not None
+        self.wkv_a = w["wkv_a"]
+        self.kv_norm = RMSNorm(w["kv_norm"], cfg.rms_norm_eps)
+        self.wkv_b = w["wkv_b"]
+        self.wo = w["wo"]
+        self._wkv_b_heads: torch.Tensor | None = None
+
+    def kv_b_heads(self, dtype: torch.dtype) -> torch.Tensor:
+        """wkv_b as (H, nope + v, kv_lora_rank): W_UK then W_UV for each head."""
+        if self._wkv_b_heads is None or self._wkv_b_heads.dtype != dtype:
+            self._wkv_b_heads = dense(self.wkv_b, dtype).view(
+                self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank
+            )
+        return self._wkv_b_heads
+
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache, rope: RotaryEmbedding,
+                absorb: bool | None = None) -> torch.Tensor:
+        """Attend x (B, T, D) at positions start..start+T-1 over the cache; returns (B, T, D).
+
+        absorb: use the absorbed path; default: absorbed for one token, naive otherwise.
+        """
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = linear(self.q_norm(linear(x, self.wq_a)), self.wq_b) if self.q_lora else linear(x, self.wq)
+        q = q.view(B, T, H, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = rope.apply(q_pe, start)  # (B, T, H, rope)
+
+        kv = linear(x, self.wkv_a)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        cache.write(self.layer, start, self.kv_norm(c_kv), rope.apply(k_pe, start))
+        end = start + T
+        c_all, pe_all = cache.read(self.layer, end)  # (B, S, C), (B, S, R)
+
+        if absorb if absorb is not None else T == 1:
+            out = self._absorbed(q_nope, q_pe, c_all, pe_all, start)
+        else:
+            out = self._naive(q_nope, q_pe, c_all, pe_all, start)
+        return linear(out.reshape(B, T, H * self.v_dim), self.wo)
+
+    def _causal_mask(self, T: int, S: int, start: int, device: torch.device) -> torch.Tensor:
+        # query i (position start+i) sees keys 0 .. start+i
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        return torch.arange(S, device=device)[None, :] <= q_pos  # (T, S)
+
+    def _naive(self, q_nope, q_pe, c_all, pe_all, start):
+        B, T, H, _ = q_nope.shape
+        S = c_all.shape[1]
+        kv = linear(c_all, self.wkv_b).view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, pe_all[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        mask = None if start == 0 else self._causal_mask(T, S, start, q.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, d)
+            attn_mask=mask, is_causal=start == 0 and T > 1, scale=self.softmax_scale,
+        )
+        return out.transpose(1, 2)  # (B, T, H, v)
+
+    def _absorbed(self, q_nope, q_pe, c_all, pe_all, start):
+        T, S = q_nope.shape[1], c_all.shape[1]
+        w = self.kv_b_heads(q_nope.dtype)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_all)
+        scores = scores + torch.einsum("bthr,bsr->bhts", q_pe, pe_all)
+        scores = scores.float() * self.softmax_scale
+        if T > 1:
+            mask = self._causal_mask(T, S, start, scores.device)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_all.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_all)  # (B, T, H, C)
+        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, v)

@@ -1,0 +1,57 @@
+"""Rotary position embedding with YaRN, applied as DeepSeek does: on the ``qk_rope_head_dim``
+part only, rotating interleaved pairs (x[2i], x[2i+1])."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from localseek.config import ModelConfig
+
+
+def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
+    return (dim * math.log(max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (rope_dim/2,) in float32 and the factor applied to cos/sin."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    pos_freqs = base**exponents
+    inv_freq = 1.0 / pos_freqs
+    ys = cfg.rope_scaling
+    if ys is None:
+        return inv_freq, 1.0
+    # YaRN: interpolate low frequencies by `factor`, keep high ones, ramp linearly between.
+    low = math.floor(_correction_dim(ys.beta_fast, dim, base, ys.original_max_position_embeddings))
+    high = math.ceil(_correction_dim(ys.beta_slow, dim, base, ys.original_max_position_embeddings))
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 - ramp
+    inv_freq = (inv_freq / ys.factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, ys.rope_attention_factor
+
+
+class RotaryEmbedding:
+    """cos/sin tables for positions [0, max_len), built once."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device):
+        inv_freq, attention_factor = rope_inv_freq(cfg)
+        positions = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # (max_len, rope_dim/2)
+        self.cos = (freqs.cos() * attention_factor).to(device)
+        self.sin = (freqs.sin() * attention_factor).to(device)
+
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x (B, T, ..., rope_dim) for positions start .. start+T-1, in x's dtype."""
+        T = x.shape[1]
+        shape = (1, T) + (1,) * (x.dim() - 3) + (-1,)
+        cos = self.cos[start : start + T].view(shape)
+        sin = self.sin[start : start + T].view(shape)
+        xf = x.float().unflatten(-1, (-1, 2))  # (..., rope_dim/2, 2)
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        return out.flatten(-2).to(x.dtype)

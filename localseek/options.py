@@ -1,0 +1,77 @@
+"""Runtime settings, resolved and validated in one place (never module globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from localseek.errors import LocalseekError
+
+# keyword options `localseek.load` accepts besides its named arguments, with their defaults
+KNOWN_OPTIONS: dict[str, Any] = {
+    "ctx": None,  # context length in tokens; default min(max_position_embeddings, 4096)
+    "progress": False,  # show a rich progress bar while loading
+}
+DEFAULT_CTX = 4096
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: torch.device
+    dtype: torch.dtype
+    threads: int | None
+    exact: bool
+    ctx: int | None
+    progress: bool
+
+    @classmethod
+    def resolve(cls, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                threads: int | None = None, exact: bool = False,
+                **options: Any) -> RuntimeOptions:
+        unknown = sorted(set(options) - set(KNOWN_OPTIONS))
+        if unknown:
+            raise LocalseekError(f"unknown option {', '.join(map(repr, unknown))} "
+                                 f"(known: {', '.join(KNOWN_OPTIONS)}).")
+        merged = {**KNOWN_OPTIONS, **options}
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise LocalseekError(f"device {device!r} is not a torch device.") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise LocalseekError("device 'cuda' was asked for, but torch sees no CUDA GPU.")
+        if dtype is None:
+            dt = torch.float32 if dev.type == "cpu" or exact else torch.bfloat16
+        else:
+            dt = _dtype(dtype)
+        if exact and dt != torch.float32:
+            raise LocalseekError("exact=True promises float32 activations; drop dtype or use "
+                                 "float32.")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise LocalseekError(f"threads must be a positive integer, got {threads!r}.")
+        ctx = merged["ctx"]
+        if ctx is not None and (not isinstance(ctx, int) or ctx < 1):
+            raise LocalseekError(f"ctx must be a positive number of tokens, got {ctx!r}.")
+        return cls(dev, dt, threads, bool(exact), ctx, bool(merged["progress"]))
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        dt = dtype
+    else:
+        dt = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
+              "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16}.get(dtype)
+    if dt not in (torch.float32, torch.bfloat16, torch.float16):
+        raise LocalseekError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16).")
+    return dt
+
+
+def set_threads(threads: int | None) -> None:
+    """One thread setting for torch and numba, so the two never oversubscribe the cores."""
+    if threads is None:
+        return
+    torch.set_num_threads(threads)
+    import numba
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
