@@ -36,7 +36,7 @@ class YarnScaling:
 
     @property
     def rope_attention_factor(self) -> float:
-        """The factor on cos/sin, by transformers' rule; 1 for DeepSeek's mscale == mscale_all_dim."""
+        """Factor on cos/sin by transformers' rule (1 when mscale == mscale_all_dim, as in V3)."""
         if self.attention_factor is not None:
             return self.attention_factor
         if self.mscale and self.mscale_all_dim:
@@ -201,8 +201,15 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise CheckpointError(f"{source}: {msg}.")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+        ):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
         if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
@@ -213,8 +220,10 @@ class ModelConfig:
             if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
                 bad("num_experts_per_tok must be between 1 and n_routed_experts")
             if self.n_routed_experts % self.n_group:
-                bad(f"n_routed_experts {self.n_routed_experts} is not divisible by "
-                    f"n_group {self.n_group}")
+                bad(
+                    f"n_routed_experts {self.n_routed_experts} is not divisible by "
+                    f"n_group {self.n_group}"
+                )
             if not 0 < self.topk_group <= self.n_group:
                 bad(f"topk_group must be between 1 and n_group, got {self.topk_group}")
             if self.moe_intermediate_size <= 0:
@@ -238,8 +247,9 @@ def _model_type(raw: dict[str, Any], source: str) -> str:
         return model_type
     found = ", ".join(archs) if archs else f"model_type '{model_type}'"
     supported = ", ".join(SUPPORTED_ARCHITECTURES)
-    raise CheckpointError(f"{source}: architecture {found} is not supported "
-                          f"(localseek runs {supported}).")
+    raise CheckpointError(
+        f"{source}: architecture {found} is not supported (localseek runs {supported})."
+    )
 
 
 def _first_id(value: Any) -> int | None:

@@ -19,17 +19,40 @@ BUNDLED = Path(__file__).parent / "data" / "demo"
 TINY_NAME = "tiny-random-v3"
 
 _TINY_CONFIG = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-    "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
-    "n_routed_experts": 16, "n_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 4,
-    "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "kv_lora_rank": 32,
-    "q_lora_rank": 48, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
-    "first_k_dense_replace": 1, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "n_routed_experts": 16,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 48,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
 }
-SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
-                  "<｜Assistant｜>"]
+SPECIAL_TOKENS = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+]
 _CORPUS = """The old sailor said that the sea was calm and the wind was kind.
 She walked along the river to the town, where the market was full of bread and fruit.
 In the morning the children ran to the school, and the teacher read them a story.
@@ -49,8 +72,10 @@ def default_model(console=None) -> Path:
         return BUNDLED
     path = cache_dir() / TINY_NAME
     if console is not None:
-        console.print(f"[yellow]No bundled demo model yet: using a tiny random "
-                      f"DeepSeek-V3-architecture model ({path}); its text is noise.[/yellow]")
+        console.print(
+            f"[yellow]No bundled demo model yet: using a tiny random "
+            f"DeepSeek-V3-architecture model ({path}); its text is noise.[/yellow]"
+        )
     if not (path / "config.json").is_file():
         build_tiny_model(path)
     return path
@@ -64,7 +89,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        save_file(_random_state(cfg, seed), str(tmp / "model.safetensors"))
+        save_file(random_state(cfg, seed), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         _write_tokenizer(tmp, cfg["vocab_size"])
         if path.exists():
@@ -75,7 +100,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _random_state(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+def random_state(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     D, H = cfg["hidden_size"], cfg["num_attention_heads"]
     qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
@@ -87,25 +112,37 @@ def _random_state(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
         return 1.0 + 0.1 * torch.randn(n, generator=g)
 
     def mlp(prefix: str, inter: int) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.gate_proj.weight": mat(inter, D), f"{prefix}.up_proj.weight": mat(inter, D),
-                f"{prefix}.down_proj.weight": mat(D, inter)}
+        return {
+            f"{prefix}.gate_proj.weight": mat(inter, D),
+            f"{prefix}.up_proj.weight": mat(inter, D),
+            f"{prefix}.down_proj.weight": mat(D, inter),
+        }
 
-    sd = {"model.embed_tokens.weight": torch.randn(cfg["vocab_size"], D, generator=g),
-          "model.norm.weight": norm(D), "lm_head.weight": mat(cfg["vocab_size"], D)}
+    sd = {
+        "model.embed_tokens.weight": torch.randn(cfg["vocab_size"], D, generator=g),
+        "model.norm.weight": norm(D),
+        "lm_head.weight": mat(cfg["vocab_size"], D),
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
         a = f"{p}.self_attn"
-        sd.update({
-            f"{p}.input_layernorm.weight": norm(D), f"{p}.post_attention_layernorm.weight": norm(D),
-            f"{a}.q_a_proj.weight": mat(cfg["q_lora_rank"], D),
-            f"{a}.q_a_layernorm.weight": norm(cfg["q_lora_rank"]),
-            f"{a}.q_b_proj.weight": mat(H * qk, cfg["q_lora_rank"]),
-            f"{a}.kv_a_proj_with_mqa.weight": mat(cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], D),
-            f"{a}.kv_a_layernorm.weight": norm(cfg["kv_lora_rank"]),
-            f"{a}.kv_b_proj.weight": mat(H * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]),
-                                         cfg["kv_lora_rank"]),
-            f"{a}.o_proj.weight": mat(D, H * cfg["v_head_dim"]),
-        })
+        sd.update(
+            {
+                f"{p}.input_layernorm.weight": norm(D),
+                f"{p}.post_attention_layernorm.weight": norm(D),
+                f"{a}.q_a_proj.weight": mat(cfg["q_lora_rank"], D),
+                f"{a}.q_a_layernorm.weight": norm(cfg["q_lora_rank"]),
+                f"{a}.q_b_proj.weight": mat(H * qk, cfg["q_lora_rank"]),
+                f"{a}.kv_a_proj_with_mqa.weight": mat(
+                    cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], D
+                ),
+                f"{a}.kv_a_layernorm.weight": norm(cfg["kv_lora_rank"]),
+                f"{a}.kv_b_proj.weight": mat(
+                    H * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), cfg["kv_lora_rank"]
+                ),
+                f"{a}.o_proj.weight": mat(D, H * cfg["v_head_dim"]),
+            }
+        )
         if i < cfg["first_k_dense_replace"]:
             sd.update(mlp(f"{p}.mlp", cfg["intermediate_size"]))
             continue
@@ -124,11 +161,22 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "add_bos_token": True,
-    }, indent=2, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": SPECIAL_TOKENS[0],
+                "eos_token": SPECIAL_TOKENS[1],
+                "add_bos_token": True,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )

@@ -18,15 +18,21 @@ from localseek.model.kv_cache import KVCache
 from localseek.model.moe import ReferenceExperts
 from localseek.model.transformer import Transformer
 from localseek.options import DEFAULT_CTX, RuntimeOptions, set_threads
-from localseek.quant import QTensor, Weight, dense
+from localseek.quant import QTensor, Weight
 from localseek.sampling import Sampler, SamplingParams
 from localseek.tokenizer import Tokenizer
 
 _EXPERT = "ffn.experts."
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         threads: int | None = None, exact: bool = False, **options) -> Model:
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    threads: int | None = None,
+    exact: bool = False,
+    **options,
+) -> Model:
     """Load a DeepSeek-V2/V3 model.
 
     Args:
@@ -86,8 +92,10 @@ class Model:
         checkpoint.check_complete()
         self.ctx = options.ctx or min(cfg.max_position_embeddings, DEFAULT_CTX)
         if self.ctx > cfg.max_position_embeddings:
-            raise LocalseekError(f"ctx {self.ctx} exceeds the model's max_position_embeddings "
-                                 f"({cfg.max_position_embeddings}).")
+            raise LocalseekError(
+                f"ctx {self.ctx} exceeds the model's max_position_embeddings "
+                f"({cfg.max_position_embeddings})."
+            )
         tok_dir = checkpoint.tokenizer_dir()
         self.tokenizer: Tokenizer | None = Tokenizer.from_dir(tok_dir) if tok_dir else None
         weights = self._load_weights(checkpoint)
@@ -109,13 +117,15 @@ class Model:
         need += KVCache.bytes_per_token(self.config, opts.dtype) * self.ctx
         available = psutil.virtual_memory().available
         if opts.device.type == "cpu" and need > available:
-            raise LocalseekError(f"{ckpt.path}: the model needs {need / 2**30:.2f} GiB of RAM "
-                                 f"but only {available / 2**30:.2f} GiB is available.")
+            raise LocalseekError(
+                f"{ckpt.path}: the model needs {need / 2**30:.2f} GiB of RAM "
+                f"but only {available / 2**30:.2f} GiB is available."
+            )
         weights: dict[str, Weight] = {}
         total = sum(ckpt.nbytes(n) for n in shapes)
         with _progress(opts.progress, total, f"loading {ckpt.path.name}") as advance:
             for name in shapes:
-                weights[name] = self._place(name, ckpt.tensor(name))
+                weights[name] = self._place(name, ckpt.tensor(name, opts.dtype))
                 advance(ckpt.nbytes(name))
         return weights
 
@@ -135,21 +145,31 @@ class Model:
             raise LocalseekError("the prompt is empty: give at least one token.")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise LocalseekError(f"token id {bad[0]} is outside the vocabulary "
-                                 f"(0..{self.config.vocab_size - 1}).")
+            raise LocalseekError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})."
+            )
         if len(ids) + room > self.ctx:
-            raise LocalseekError(f"the prompt has {len(ids)} tokens but the context holds "
-                                 f"{self.ctx} (raise --ctx, up to "
-                                 f"{self.config.max_position_embeddings}).")
+            raise LocalseekError(
+                f"the prompt has {len(ids)} tokens but the context holds "
+                f"{self.ctx} (raise --ctx, up to "
+                f"{self.config.max_position_embeddings})."
+            )
         return ids
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config, batch, max_len or self.ctx, self.options.device,
-                       self.options.dtype)
+        return KVCache(
+            self.config, batch, max_len or self.ctx, self.options.device, self.options.dtype
+        )
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False,
-                absorb: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: int,
+        cache: KVCache,
+        last_only: bool = False,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) float32 for tokens (B, T) at positions start.. into ``cache``."""
         return self.net(tokens.to(self.options.device), start, cache, last_only, absorb)
 
@@ -160,8 +180,15 @@ class Model:
         out = self.forward(torch.tensor([ids]), 0, cache)
         return out[0].cpu().numpy()
 
-    def generate(self, token_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Generation:
+    def generate(
+        self,
+        token_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Generation:
         """Token ids as they are produced (an iterator; its ``stats`` time prefill and decode)."""
         ids = self._check_ids(token_ids)
         if max_new_tokens < 0:
@@ -262,11 +289,23 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda n: None
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                             TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         self._bar.start()
         task = self._bar.add_task(self.description, total=self.total)
         return lambda n: self._bar.advance(task, n)

@@ -27,13 +27,20 @@ class RuntimeOptions:
     progress: bool
 
     @classmethod
-    def resolve(cls, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                threads: int | None = None, exact: bool = False,
-                **options: Any) -> RuntimeOptions:
+    def resolve(
+        cls,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        threads: int | None = None,
+        exact: bool = False,
+        **options: Any,
+    ) -> RuntimeOptions:
         unknown = sorted(set(options) - set(KNOWN_OPTIONS))
         if unknown:
-            raise LocalseekError(f"unknown option {', '.join(map(repr, unknown))} "
-                                 f"(known: {', '.join(KNOWN_OPTIONS)}).")
+            raise LocalseekError(
+                f"unknown option {', '.join(map(repr, unknown))} "
+                f"(known: {', '.join(KNOWN_OPTIONS)})."
+            )
         merged = {**KNOWN_OPTIONS, **options}
         try:
             dev = torch.device(device)
@@ -46,8 +53,9 @@ class RuntimeOptions:
         else:
             dt = _dtype(dtype)
         if exact and dt != torch.float32:
-            raise LocalseekError("exact=True promises float32 activations; drop dtype or use "
-                                 "float32.")
+            raise LocalseekError(
+                "exact=True promises float32 activations; drop dtype or use float32."
+            )
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LocalseekError(f"threads must be a positive integer, got {threads!r}.")
         ctx = merged["ctx"]
@@ -60,8 +68,14 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         dt = dtype
     else:
-        dt = {"float32": torch.float32, "f32": torch.float32, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16}.get(dtype)
+        dt = {
+            "float32": torch.float32,
+            "f32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "f16": torch.float16,
+        }.get(dtype)
     if dt not in (torch.float32, torch.bfloat16, torch.float16):
         raise LocalseekError(f"dtype {dtype!r} is not supported (float32, bfloat16, float16).")
     return dt

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from localseek.config import ModelConfig
 from localseek.errors import CheckpointError
 from localseek.quant import Weight
@@ -22,8 +24,11 @@ class Checkpoint(ABC):
         """Canonical names of the tensors the model uses (MTP layers left out)."""
 
     @abstractmethod
-    def tensor(self, name: str) -> Weight:
-        """One tensor by canonical name, memory-mapped where the format allows it."""
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> Weight:
+        """One tensor by canonical name, memory-mapped where the format allows it.
+
+        dtype: float tensors are converted to it while reading (quantized ones stay as stored).
+        """
 
     @abstractmethod
     def nbytes(self, name: str) -> int:
@@ -50,12 +55,15 @@ class Checkpoint(ABC):
         have = set(self.names())
         for name, shape in expected_shapes(self.config).items():
             if name not in have:
-                raise CheckpointError(f"{self.path}: tensor '{name}' is missing "
-                                      f"({self.describe(name)}).")
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' is missing ({self.describe(name)})."
+                )
             got = self.shape(name)
             if tuple(got) != shape:
-                raise CheckpointError(f"{self.path}: tensor {self.describe(name)} has shape "
-                                      f"{tuple(got)}, the config needs {shape}.")
+                raise CheckpointError(
+                    f"{self.path}: tensor {self.describe(name)} has shape "
+                    f"{tuple(got)}, the config needs {shape}."
+                )
 
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
@@ -115,6 +123,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if p.is_dir():
         if (p / "config.json").is_file():
             return HFCheckpoint(p)
-        raise CheckpointError(f"{p}: no config.json here, so this is not a Hugging Face "
-                              "checkpoint folder.")
+        raise CheckpointError(
+            f"{p}: no config.json here, so this is not a Hugging Face checkpoint folder."
+        )
     raise CheckpointError(f"{p}: not a model (expected a Hugging Face checkpoint folder).")

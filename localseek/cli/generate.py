@@ -21,8 +21,11 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in the model's chat template as one user turn")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the model's chat template as one user turn",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,15 +39,24 @@ def main(args: argparse.Namespace) -> int:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
     else:
         ids = tok.encode(args.prompt)
-    gen = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    gen = model.generate(
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     stream = StreamDecoder(tok)
     out.print(args.prompt, end="", style="bold", markup=False)
     for token in gen:
         out.print(stream.push(token), end="", markup=False)
     out.print(stream.flush(), markup=False)
     s = gen.stats
-    err.print(f"[dim]prefill {s.prompt_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s, "
-              f"decode {s.decode_tokens_per_second:.1f} tok/s over {s.generated_tokens} tokens "
-              f"(stopped: {gen.stop_reason})[/dim]", soft_wrap=True)
+    err.print(
+        f"[dim]prefill {s.prompt_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s, "
+        f"decode {s.decode_tokens_per_second:.1f} tok/s over {s.generated_tokens} tokens "
+        f"(stopped: {gen.stop_reason})[/dim]",
+        soft_wrap=True,
+    )
     return 0

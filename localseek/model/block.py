@@ -26,7 +26,13 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(ffn_w["w1"], ffn_w["w2"], ffn_w["w3"])
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache, rope: RotaryEmbedding,
-                absorb: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        cache: KVCache,
+        rope: RotaryEmbedding,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), start, cache, rope, absorb)
         return x + self.ffn(self.ffn_norm(x))

@@ -12,8 +12,9 @@ from localseek.config import ModelConfig
 class KVCache:
     """Preallocated latent cache for ``batch`` sequences of up to ``max_len`` tokens."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ):
         L = cfg.num_hidden_layers
         self.max_len = max_len
         self.kv = torch.zeros(L, batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)

@@ -52,15 +52,25 @@ class MLA(nn.Module):
             )
         return self._wkv_b_heads
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache, rope: RotaryEmbedding,
-                absorb: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        cache: KVCache,
+        rope: RotaryEmbedding,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
         """Attend x (B, T, D) at positions start..start+T-1 over the cache; returns (B, T, D).
 
         absorb: use the absorbed path; default: absorbed for one token, naive otherwise.
         """
         B, T, _ = x.shape
         H = self.n_heads
-        q = linear(self.q_norm(linear(x, self.wq_a)), self.wq_b) if self.q_lora else linear(x, self.wq)
+        q = (
+            linear(self.q_norm(linear(x, self.wq_a)), self.wq_b)
+            if self.q_lora
+            else linear(x, self.wq)
+        )
         q = q.view(B, T, H, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = rope.apply(q_pe, start)  # (B, T, H, rope)
@@ -91,8 +101,12 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         mask = None if start == 0 else self._causal_mask(T, S, start, q.device)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, d)
-            attn_mask=mask, is_causal=start == 0 and T > 1, scale=self.softmax_scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),  # (B, H, T|S, d)
+            attn_mask=mask,
+            is_causal=start == 0 and T > 1,
+            scale=self.softmax_scale,
         )
         return out.transpose(1, 2)  # (B, T, H, v)
 

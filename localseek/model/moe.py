@@ -36,10 +36,7 @@ def route(
     Returns:
         topk_ids (N, k) int64 and topk_weights (N, k) float32.
     """
-    if cfg.scoring_func == "sigmoid":
-        scores = logits.sigmoid()
-    else:
-        scores = logits.softmax(dim=-1)
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
     choice = scores if bias is None else scores + bias
     N, E = choice.shape
     if cfg.n_group > 1 and cfg.topk_method != "greedy":
@@ -70,8 +67,9 @@ def route(
 class Experts(Protocol):
     """Where routed experts live and how they are computed (``offload/``'s business)."""
 
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor: ...
+    def __call__(
+        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class ReferenceExperts:
@@ -80,8 +78,9 @@ class ReferenceExperts:
     def __init__(self, weights: dict[int, list[tuple[Weight, Weight, Weight]]]):
         self.weights = weights  # layer -> [(w1, w2, w3) per expert]
 
-    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
         experts = self.weights[layer]
         y = torch.zeros_like(x)
         counts = torch.bincount(topk_ids.flatten(), minlength=len(experts)).tolist()
@@ -103,7 +102,9 @@ class MoE(nn.Module):
         self.layer = layer
         self.gate = w["gate"]
         self.bias = w.get("gate_bias")
-        self.shared = MLP(w["shared.w1"], w["shared.w2"], w["shared.w3"]) if cfg.n_shared_experts else None
+        self.shared = (
+            MLP(w["shared.w1"], w["shared.w2"], w["shared.w3"]) if cfg.n_shared_experts else None
+        )
         self.experts = experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,14 @@ from localseek.quant import Weight, dense, linear
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, weights: Mapping[str, Weight], experts: Experts,
-                 max_len: int, device: torch.device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Mapping[str, Weight],
+        experts: Experts,
+        max_len: int,
+        device: torch.device,
+    ):
         super().__init__()
         self.cfg = cfg
         self.max_len = max_len
@@ -27,14 +33,20 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(cfg.num_hidden_layers):
             prefix = f"layers.{i}."
-            w = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+            w = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
             self.layers.append(Block(cfg, i, w, experts))
         self.norm = RMSNorm(weights["norm"], cfg.rms_norm_eps)
         self.head = weights["embed"] if cfg.tie_word_embeddings else weights["head"]
         self.rope = RotaryEmbedding(cfg, max_len, device)
 
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False,
-                absorb: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: int,
+        cache: KVCache,
+        last_only: bool = False,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) in float32 for tokens (B, T) at positions start.. .
 
         last_only: compute logits for the last position only (B, 1, vocab).
