@@ -159,6 +159,10 @@ class HFCheckpoint(Checkpoint):
         shard, hf_name = self._where[name]
         return tuple(self._slice(hf_name, shard).get_shape())
 
+    def storage_type(self, name: str) -> str:
+        shard, hf_name = self._where[name]
+        return self._slice(hf_name, shard).get_dtype()
+
     def nbytes(self, name: str) -> int:
         shard, hf_name = self._where[name]
         total = _slice_nbytes(self._slice(hf_name, shard))

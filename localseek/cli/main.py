@@ -8,10 +8,10 @@ import logging
 import sys
 
 from localseek import __version__
-from localseek.cli import generate
+from localseek.cli import generate, inspect
 from localseek.errors import LocalseekError
 
-COMMANDS = {"generate": generate}
+COMMANDS = {"generate": generate, "inspect": inspect}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,80 @@
+"""`localseek inspect PATH [--json]`: what a model file holds and what decoding reads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from localseek.checkpoint import open_checkpoint
+from localseek.inspect import summarize
+
+HELP = "show a checkpoint's architecture, tensor types and bytes read per token"
+
+
+def setup_arg_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="Hugging Face checkpoint folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main(args: argparse.Namespace) -> int:
+    with open_checkpoint(args.path) as ckpt:
+        info = summarize(ckpt)
+    console = Console(highlight=False)
+    if args.json:
+        console.print_json(json.dumps(info))
+        return 0
+    cfg = info["config"]
+    arch = Table(title=f"{info['path']}", show_header=False)
+    rows = [
+        ("architecture", info["architecture"]),
+        ("layers", f"{info['layers']} ({info['dense_layers']} dense, {info['moe_layers']} MoE)"),
+        ("hidden size", cfg["hidden_size"]),
+        ("attention heads", cfg["num_attention_heads"]),
+        ("q_lora_rank / kv_lora_rank", f"{cfg['q_lora_rank']} / {cfg['kv_lora_rank']}"),
+        (
+            "qk nope / rope / v head dims",
+            f"{cfg['qk_nope_head_dim']} / {cfg['qk_rope_head_dim']} / {cfg['v_head_dim']}",
+        ),
+        (
+            "routed experts",
+            f"{info['routed_experts_per_layer']} per layer, {info['experts_per_token']} per token",
+        ),
+        ("shared experts", info["shared_experts"]),
+        (
+            "routing",
+            f"{cfg['scoring_func']}, {cfg['n_group']} groups keep {cfg['topk_group']}, "
+            f"scale {cfg['routed_scaling_factor']}",
+        ),
+        ("vocab", cfg["vocab_size"]),
+        ("total size", _size(info["total_bytes"])),
+    ]
+    for k, v in rows:
+        arch.add_row(k, str(v))
+    console.print(arch)
+    types = Table(title="tensor types")
+    types.add_column("type")
+    types.add_column("tensors", justify="right")
+    types.add_column("bytes", justify="right")
+    for name, t in info["tensor_types"].items():
+        types.add_row(name, str(t["tensors"]), _size(t["bytes"]))
+    console.print(types)
+    per = info["bytes_per_token"]
+    reads = Table(title="bytes read per decoded token")
+    reads.add_column("part")
+    reads.add_column("bytes", justify="right")
+    reads.add_row("attention, dense, shared, router, lm_head", _size(per["attention_and_shared"]))
+    reads.add_row("routed experts", _size(per["routed_experts"]))
+    reads.add_row("total", _size(per["total"]), style="bold")
+    console.print(reads)
+    return 0
