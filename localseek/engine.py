@@ -139,7 +139,7 @@ class Model:
 
     # --- running -----------------------------------------------------------------------------
 
-    def _check_ids(self, token_ids: list[int], room: int = 0) -> list[int]:
+    def _check_ids(self, token_ids: list[int]) -> list[int]:
         ids = [int(t) for t in token_ids]
         if not ids:
             raise LocalseekError("the prompt is empty: give at least one token.")
@@ -148,7 +148,7 @@ class Model:
             raise LocalseekError(
                 f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})."
             )
-        if len(ids) + room > self.ctx:
+        if len(ids) > self.ctx:
             raise LocalseekError(
                 f"the prompt has {len(ids)} tokens but the context holds "
                 f"{self.ctx} (raise --ctx, up to "
