@@ -36,7 +36,7 @@ def load(
     """Load a DeepSeek-V2/V3 model.
 
     Args:
-        path: a Hugging Face checkpoint folder.
+        path: a Hugging Face checkpoint folder or a GGUF file.
         device: torch device of the GPU tier ("cpu" or "cuda").
         dtype: activation and dense-weight dtype; None means float32 on CPU, bfloat16 on CUDA.
         threads: CPU threads for torch and numba (None leaves the defaults).
@@ -96,8 +96,7 @@ class Model:
                 f"ctx {self.ctx} exceeds the model's max_position_embeddings "
                 f"({cfg.max_position_embeddings})."
             )
-        tok_dir = checkpoint.tokenizer_dir()
-        self.tokenizer: Tokenizer | None = Tokenizer.from_dir(tok_dir) if tok_dir else None
+        self.tokenizer: Tokenizer | None = checkpoint.tokenizer()
         weights = self._load_weights(checkpoint)
         experts: dict[int, list[tuple[Weight, Weight, Weight]]] = {}
         for layer in cfg.moe_layers:

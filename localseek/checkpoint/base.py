@@ -11,6 +11,7 @@ import torch
 from localseek.config import ModelConfig
 from localseek.errors import CheckpointError
 from localseek.quant import Weight
+from localseek.tokenizer import Tokenizer
 
 
 class Checkpoint(ABC):
@@ -37,6 +38,11 @@ class Checkpoint(ABC):
     def tokenizer_dir(self) -> Path | None:
         """Folder holding tokenizer.json and tokenizer_config.json, if any."""
         return None
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The checkpoint's tokenizer (by default from ``tokenizer_dir()``), or None."""
+        folder = self.tokenizer_dir()
+        return Tokenizer.from_dir(folder) if folder is not None else None
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release file handles."""
@@ -118,7 +124,9 @@ def _mlp(shapes: dict[str, tuple[int, ...]], prefix: str, dim: int, inter: int) 
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a Hugging Face checkpoint folder (config.json + safetensors)."""
+    """Open a Hugging Face checkpoint folder (config.json + safetensors), a GGUF file (single
+    or the first of a split set), or a folder holding one GGUF model."""
+    from localseek.checkpoint.gguf import GGUFCheckpoint, gguf_in_folder
     from localseek.checkpoint.hf import HFCheckpoint
 
     p = Path(path).expanduser()
@@ -127,7 +135,22 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if p.is_dir():
         if (p / "config.json").is_file():
             return HFCheckpoint(p)
+        found = gguf_in_folder(p)
+        if found is not None:
+            return GGUFCheckpoint(found)
         raise CheckpointError(
-            f"{p}: no config.json here, so this is not a Hugging Face checkpoint folder."
+            f"{p}: no config.json or .gguf file here, so this is not a model folder."
         )
-    raise CheckpointError(f"{p}: not a model (expected a Hugging Face checkpoint folder).")
+    if p.suffix == ".gguf" or _has_gguf_magic(p):
+        return GGUFCheckpoint(p)
+    raise CheckpointError(
+        f"{p}: not a model (expected a Hugging Face checkpoint folder or a .gguf file)."
+    )
+
+
+def _has_gguf_magic(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

@@ -1,0 +1,112 @@
+"""Helpers for the GGUF tests: tiny models with a tokenizer, llama.cpp runs, quantization."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+VOCAB = 320
+SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+TEMPLATE = "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}"
+SAMPLES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers: 0 1 22 333 4444 55555 3.14159 -17 1e10 2024-06-01",
+    "def add(a, b):\n    return a + b  # comment\n\tif x != y: pass",
+    "spaces:   three,     five,\n\n\ttab and newline  \n",
+    "深度求索是一家人工智能公司。你好，世界！ひらがな カタカナ",
+    "emoji 😀🎉👍🏽 family 👨‍👩‍👧 done",
+    "<｜User｜>hi there<｜Assistant｜>",
+]
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE trained on a small corpus with the DeepSeek-V3 pre-tokenizer."""
+    from localseek.checkpoint.gguf import deepseek3_pre_tokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = deepseek3_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = SAMPLES * 3 + [f"word{i} the and of to in {i * 37}" for i in range(200)]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "add_bos_token": True}
+    cfg["chat_template"] = TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
+
+
+def llama(path: Path, **kw):
+    import llama_cpp
+
+    # F32 KV cache: llama.cpp's default F16 cache alone costs ~1e-3 relative
+    return llama_cpp.Llama(
+        str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False, type_k=0, type_v=0, **kw
+    )
+
+
+def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    lm = llama(path)
+    try:
+        lm.eval(ids)
+        return np.array(lm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        lm.close()
+
+
+def llama_greedy(path: Path, ids: list[int], n: int) -> list[int]:
+    lm = llama(path)
+    try:
+        out: list[int] = []
+        lm.eval(ids)
+        for _ in range(n):
+            tok = int(np.argmax(lm.scores[lm.n_tokens - 1]))
+            out.append(tok)
+            lm.eval([tok])
+        return out
+    finally:
+        lm.close()
+
+
+def llama_quantize(src: Path, dst: Path, ftype: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize returned {rc}"
+
+
+def ggml_roundtrip(type_name: str, values: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """llama.cpp's own quantize (ggml_quantize_chunk) and dequantize_row_* of (rows, cols)."""
+    from pathlib import Path as _P
+
+    import gguf
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(_P(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    qtype = gguf.GGMLQuantizationType[type_name]
+    rows, cols = values.shape
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    dst = np.zeros(rows * cols // block * size, dtype=np.uint8)
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes += [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    n = lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, dst.ctypes.data, 0, rows, cols, None)
+    assert n == dst.nbytes
+    deq = np.zeros(rows * cols, dtype=np.float32)
+    fn = getattr(lib, "dequantize_row_" + type_name.lower().replace("_k", "_K"))
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn(dst.ctypes.data, deq.ctypes.data, rows * cols)
+    return dst.tobytes(), deq.reshape(rows, cols)

@@ -1,0 +1,211 @@
+"""GGUF: our writer's files run in llama.cpp, our reader runs llama.cpp's files, and both agree
+with each other and with transformers."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import gguf_util as gu
+import models
+import numpy as np
+import pytest
+import torch
+
+import localseek
+from localseek.checkpoint import open_checkpoint
+from localseek.checkpoint.gguf import GGUFCheckpoint
+from localseek.errors import CheckpointError
+from localseek.gguf_writer import write_gguf
+from localseek.quant import QTensor
+from localseek.quant.ggml import GGML_QTYPES
+
+IDS = [0, 5, 77, 130, 200, 9, 31, 250, 3, 100, 42, 7]
+
+
+def _close(a: np.ndarray, b: np.ndarray, rel: float = 1e-3) -> float:
+    diff = float(np.abs(a - b).max())
+    assert diff <= rel * float(np.abs(b).max()), f"max|diff| {diff} vs max|logit| {np.abs(b).max()}"
+    return diff
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+    out = {}
+    for kind, over in [
+        ("v3", {}),
+        ("v2_lite", {}),
+        ("v3_q", {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2}),
+    ]:
+        path = tmp_path_factory.mktemp(kind)
+        model = models.build(
+            kind[:2] if kind == "v3_q" else kind, path, seed=3, vocab_size=gu.VOCAB, **over
+        )
+        gu.write_tokenizer(path)
+        out[kind] = (path, model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def f32_files(hf_models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("gguf")
+    files = {}
+    for kind, (path, _) in hf_models.items():
+        with open_checkpoint(path) as ckpt:
+            files[kind] = write_gguf(ckpt, d / f"{kind}.gguf", "f32")[0]
+    with open_checkpoint(hf_models["v2_lite"][0]) as ckpt:
+        files["v2_lite_kv_b"] = write_gguf(ckpt, d / "v2_lite_kv_b.gguf", "f32", mla=False)[0]
+    return files
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2_lite", "v2_lite_kv_b"])
+def test_f32_gguf_matches_llama_cpp_and_transformers(kind, hf_models, f32_files) -> None:
+    path = f32_files[kind]
+    ref = models.reference_logits(hf_models[kind.removesuffix("_kv_b")][1], IDS)
+    model = localseek.load(path, exact=True)
+    ours = model.logits(IDS)
+    theirs = gu.llama_logits(path, IDS)
+    print(f"{kind}: localseek-llama.cpp {_close(ours, theirs):.2e}, -hf {_close(ours, ref):.2e}")
+    ours_greedy = list(model.generate(IDS, 6))
+    assert ours_greedy == gu.llama_greedy(path, IDS, len(ours_greedy))
+
+
+def test_gguf_checkpoint_layout(f32_files, hf_models) -> None:
+    with GGUFCheckpoint(f32_files["v3"]) as ck, open_checkpoint(hf_models["v3"][0]) as hf:
+        assert ck.config.scoring_func == "sigmoid" and ck.config.topk_method == "noaux_tc"
+        assert ck.config.rope_scaling is not None and ck.config.rope_scaling.mscale_all_dim == 1.0
+        assert sorted(ck.names()) == sorted(hf.names())
+        ck.check_complete()
+        for name in ["layers.1.attn.wkv_b", "layers.2.ffn.experts.5.w2", "embed"]:
+            assert torch.equal(ck.tensor(name), hf.tensor(name, torch.float32))
+        # an expert is a view into the stack, not a copy
+        stack = ck._tensors["blk.1.ffn_up_exps.weight"][1].data
+        e3 = ck.tensor("layers.1.ffn.experts.3.w3")
+        assert np.shares_memory(e3.numpy(), stack)
+    with GGUFCheckpoint(f32_files["v2_lite"]) as ck:
+        assert ck.config.q_lora_rank is None and ck.config.scoring_func == "softmax"
+        assert ck.config.n_shared_experts == 2
+
+
+@pytest.mark.parametrize("ftype,label", [(7, "q8_0"), (15, "q4_k_m"), (18, "q6_k")])
+def test_llama_quantized_file(ftype, label, f32_files, tmp_path) -> None:
+    quant = tmp_path / f"{label}.gguf"
+    gu.llama_quantize(f32_files["v3_q"], quant, ftype)
+    with GGUFCheckpoint(quant) as ck:
+        types = {gguf.GGMLQuantizationType(t.tensor_type).name for _, t in ck._tensors.values()}
+        expert = ck.tensor("layers.1.ffn.experts.2.w1")
+        assert isinstance(expert, QTensor)
+        stack = ck._tensors["blk.1.ffn_gate_exps.weight"][1].data
+        assert np.shares_memory(expert.data.numpy(), stack)
+        deq = write_gguf(ck, tmp_path / f"{label}-deq.gguf", "f32")[0]
+    ours = localseek.load(quant, exact=True).logits(IDS)
+    same_weights = _close(ours, gu.llama_logits(deq, IDS))
+    own_run = float(np.abs(ours - gu.llama_logits(quant, IDS)).max())
+    print(
+        f"{label} ({', '.join(sorted(types))}): "
+        f"vs llama.cpp on dequantised F32 {same_weights:.2e}, "
+        f"vs llama.cpp's own {label} run {own_run:.2e} (max|logit| {np.abs(ours).max():.2f})"
+    )
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "f16", "bf16"])
+def test_written_types_read_back_exactly(qtype, hf_models, tmp_path) -> None:
+    with open_checkpoint(hf_models["v3_q"][0]) as ckpt:
+        path = write_gguf(ckpt, tmp_path / f"{qtype}.gguf", qtype)[0]
+        want = ckpt.tensor("layers.1.ffn.experts.4.w3", torch.float32).numpy()
+    gtype = gguf.GGMLQuantizationType[qtype.upper()]
+    want = gguf.quants.dequantize(gguf.quants.quantize(want, gtype), gtype)
+    with GGUFCheckpoint(path) as ck:
+        got = ck.tensor("layers.1.ffn.experts.4.w3")
+        got = got.dequantize() if isinstance(got, QTensor) else got.float()
+        assert np.array_equal(got.numpy(), want)
+    ours = localseek.load(path, exact=True).logits(IDS)
+    # llama.cpp rounds activations for quantized/f16 matmuls: reported, not gated
+    diff = float(np.abs(ours - gu.llama_logits(path, IDS)).max())
+    print(
+        f"written {qtype}: vs llama.cpp's own run {diff:.2e} (max|logit| {np.abs(ours).max():.2f})"
+    )
+
+
+@pytest.mark.parametrize("type_name", [t.name for t in GGML_QTYPES])
+def test_ggml_dequantize_bit_exact_with_llama_cpp(type_name) -> None:
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((4, 512)) * rng.uniform(0.01, 10)).astype(np.float32)
+    raw, expected = gu.ggml_roundtrip(type_name, values)
+    qtype = gguf.GGMLQuantizationType[type_name]
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(4, -1)
+    got = QTensor(GGML_QTYPES[qtype], (4, 512), data).dequantize(torch.float32).numpy()
+    assert np.array_equal(got, expected)
+
+
+def test_split_gguf(hf_models, f32_files, tmp_path) -> None:
+    with open_checkpoint(hf_models["v3"][0]) as ckpt:
+        paths = write_gguf(ckpt, tmp_path / "m.gguf", "f32", split_max_tensors=20)
+    assert len(paths) > 1 and paths[0].name.endswith(f"-00001-of-{len(paths):05d}.gguf")
+    whole = localseek.load(f32_files["v3"], exact=True).logits(IDS)
+    assert np.array_equal(localseek.load(paths[0], exact=True).logits(IDS), whole)
+    assert np.array_equal(localseek.load(tmp_path, exact=True).logits(IDS), whole)
+    paths[-1].unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        open_checkpoint(paths[0])
+
+
+def test_tokenizer_matches_llama_cpp(f32_files) -> None:
+    lm = gu.llama(f32_files["v3"], vocab_only=True)
+    with GGUFCheckpoint(f32_files["v3"]) as ck:
+        tok = ck.tokenizer()
+    assert tok is not None and tok.chat_template == gu.TEMPLATE
+    assert tok.bos_id == 0 and tok.eos_id == 1
+    for text in gu.SAMPLES:
+        ours = tok.encode(text, add_bos=False)
+        assert ours == lm.tokenize(text.encode(), add_bos=False, special=True), text
+        assert tok.decode(ours) == text
+
+
+def _bad_files(f32: Path, d: Path) -> dict[str, Path]:
+    data = f32.read_bytes()
+    files = {"magic": d / "magic.gguf", "truncated": d / "trunc.gguf", "unknown": d / "unk.gguf"}
+    files["magic"].write_bytes(b"GGUX" + data[4:])
+    files["truncated"].write_bytes(data[: len(data) - 4096])
+    # set the type of the first tensor to a number no ggml type has
+    name = b"token_embd.weight"
+    at = data.index(name) + len(name)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    at += 4 + 8 * n_dims
+    files["unknown"].write_bytes(data[:at] + struct.pack("<I", 99) + data[at + 4 :])
+    w = gguf.GGUFWriter(d / "llama.gguf", "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    files["llama"] = d / "llama.gguf"
+    return files
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("magic", "not a GGUF file"),
+        ("truncated", "truncated"),
+        ("unknown", "unknown quantization type"),
+        ("llama", "architecture 'llama' is not supported"),
+    ],
+)
+def test_bad_gguf_is_one_sentence(case, words, f32_files, tmp_path) -> None:
+    path = _bad_files(f32_files["v2_lite"], tmp_path)[case]
+    with pytest.raises(CheckpointError, match=words) as e:
+        open_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and msg.count("\n") == 0
+    run = subprocess.run(
+        [sys.executable, "-m", "localseek", "generate", "--model", str(path), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
