@@ -39,11 +39,10 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
         ("v3", {}),
         ("v2_lite", {}),
         ("v3_q", {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2}),
+        ("v2_lite_q", {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2}),
     ]:
         path = tmp_path_factory.mktemp(kind)
-        model = models.build(
-            kind[:2] if kind == "v3_q" else kind, path, seed=3, vocab_size=gu.VOCAB, **over
-        )
+        model = models.build(kind.removesuffix("_q"), path, seed=3, vocab_size=gu.VOCAB, **over)
         gu.write_tokenizer(path)
         out[kind] = (path, model)
     return out
@@ -90,10 +89,11 @@ def test_gguf_checkpoint_layout(f32_files, hf_models) -> None:
         assert ck.config.n_shared_experts == 2
 
 
+@pytest.mark.parametrize("kind", ["v3_q", "v2_lite_q"])
 @pytest.mark.parametrize("ftype,label", [(7, "q8_0"), (15, "q4_k_m"), (18, "q6_k")])
-def test_llama_quantized_file(ftype, label, f32_files, tmp_path) -> None:
+def test_llama_quantized_file(kind, ftype, label, f32_files, tmp_path) -> None:
     quant = tmp_path / f"{label}.gguf"
-    gu.llama_quantize(f32_files["v3_q"], quant, ftype)
+    gu.llama_quantize(f32_files[kind], quant, ftype)
     with GGUFCheckpoint(quant) as ck:
         types = {gguf.GGMLQuantizationType(t.tensor_type).name for _, t in ck._tensors.values()}
         expert = ck.tensor("layers.1.ffn.experts.2.w1")
@@ -102,10 +102,12 @@ def test_llama_quantized_file(ftype, label, f32_files, tmp_path) -> None:
         assert np.shares_memory(expert.data.numpy(), stack)
         deq = write_gguf(ck, tmp_path / f"{label}-deq.gguf", "f32")[0]
     ours = localseek.load(quant, exact=True).logits(IDS)
-    same_weights = _close(ours, gu.llama_logits(deq, IDS))
+    reference = gu.llama_logits(deq, IDS)
+    same_weights = _close(ours, reference)
+    assert np.array_equal(ours.argmax(-1), reference.argmax(-1))  # the same greedy tokens
     own_run = float(np.abs(ours - gu.llama_logits(quant, IDS)).max())
     print(
-        f"{label} ({', '.join(sorted(types))}): "
+        f"{kind} {label} ({', '.join(sorted(types))}): "
         f"vs llama.cpp on dequantised F32 {same_weights:.2e}, "
         f"vs llama.cpp's own {label} run {own_run:.2e} (max|logit| {np.abs(ours).max():.2f})"
     )

@@ -41,3 +41,27 @@ def test_inspect_table_renders(v3_model):
     )
     assert proc.returncode == 0, proc.stderr
     assert "deepseek_v3" in proc.stdout and "bytes read per decoded token" in proc.stdout
+
+
+def test_inspect_reads_gguf_types_and_sizes(tmp_path):
+    from gguf import GGUFReader
+
+    from localseek.checkpoint import open_checkpoint
+    from localseek.demo import build_tiny_model
+    from localseek.gguf_writer import write_gguf
+
+    with open_checkpoint(build_tiny_model(tmp_path / "hf")) as ckpt:
+        write_gguf(ckpt, tmp_path / "m.gguf", "q8_0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "localseek", "inspect", str(tmp_path / "m.gguf"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    tensors = GGUFReader(tmp_path / "m.gguf").tensors
+    assert info["total_bytes"] == sum(int(t.n_bytes) for t in tensors)
+    assert "Q8_0" in info["tensor_types"]
+    stacks = sum(int(t.n_bytes) for t in tensors if "_exps" in t.name)
+    assert info["routed_expert_bytes"] == stacks

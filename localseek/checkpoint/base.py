@@ -75,9 +75,9 @@ class Checkpoint(ABC):
     def shape(self, name: str) -> tuple[int, ...]:
         """Logical shape of a tensor without reading it."""
 
+    @abstractmethod
     def storage_type(self, name: str) -> str:
         """How the tensor is stored, in the file's own terms (e.g. "BF16", "F8_E4M3", "Q4_K")."""
-        raise NotImplementedError
 
     def describe(self, name: str) -> str:
         """The tensor's name in the file's own terms, for error messages."""

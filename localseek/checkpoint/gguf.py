@@ -276,6 +276,9 @@ class GGUFCheckpoint(Checkpoint):
             return (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
         return shape
 
+    def storage_type(self, name: str) -> str:
+        return self._tensors[self._where[name]][1].tensor_type.name
+
     def nbytes(self, name: str) -> int:
         gguf_name = self._where[name]
         t = self._tensors[gguf_name][1]
