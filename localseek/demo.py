@@ -91,7 +91,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     try:
         save_file(random_state(cfg, seed), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        _write_tokenizer(tmp, cfg["vocab_size"])
+        write_bpe_tokenizer(tmp, _CORPUS.splitlines(), cfg["vocab_size"])
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -155,11 +155,21 @@ def random_state(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _write_tokenizer(folder: Path, vocab_size: int) -> None:
+def write_bpe_tokenizer(
+    folder: Path,
+    corpus: list[str],
+    vocab_size: int,
+    chat_template: str | None = None,
+    tokenizer_config: dict | None = None,
+) -> None:
+    """Train a byte-level BPE with DeepSeek-V3's pre-tokenizer and DeepSeek's special tokens,
+    and save tokenizer.json and tokenizer_config.json in ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from localseek.checkpoint.gguf import deepseek3_pre_tokenizer
+
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = deepseek3_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -167,16 +177,15 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     tok.save(str(folder / "tokenizer.json"))
+    config = tokenizer_config or {
+        "bos_token": SPECIAL_TOKENS[0],
+        "eos_token": SPECIAL_TOKENS[1],
+        "add_bos_token": True,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": SPECIAL_TOKENS[0],
-                "eos_token": SPECIAL_TOKENS[1],
-                "add_bos_token": True,
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
+        json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
     )

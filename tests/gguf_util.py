@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from localseek.demo import write_bpe_tokenizer
 
 VOCAB = 320
-SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
 TEMPLATE = "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}"
 SAMPLES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -26,23 +24,8 @@ SAMPLES = [
 
 def write_tokenizer(folder: Path) -> None:
     """A byte-level BPE trained on a small corpus with the DeepSeek-V3 pre-tokenizer."""
-    from localseek.checkpoint.gguf import deepseek3_pre_tokenizer
-
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = deepseek3_pre_tokenizer()
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     corpus = SAMPLES * 3 + [f"word{i} the and of to in {i * 37}" for i in range(200)]
-    tok.train_from_iterator(corpus, trainer=trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    cfg = {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "add_bos_token": True}
-    cfg["chat_template"] = TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
+    write_bpe_tokenizer(folder, corpus, VOCAB, chat_template=TEMPLATE)
 
 
 def llama(path: Path, **kw):

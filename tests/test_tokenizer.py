@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from localseek.demo import write_bpe_tokenizer
 from localseek.errors import CheckpointError
 from localseek.tokenizer import StreamDecoder, Tokenizer
 
@@ -16,7 +16,6 @@ BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
-SPECIALS = [BOS, EOS, USER, ASSISTANT]
 
 CUSTOM_TEMPLATE = (
     "{{ bos_token }}"
@@ -55,24 +54,13 @@ def _corpus() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    hf.train_from_iterator(_corpus(), trainer=trainer)
     d = tmp_path_factory.mktemp("tok")
-    hf.save(str(d / "tokenizer.json"))
     cfg = {
         "add_bos_token": True,
         "bos_token": {"__type": "AddedToken", "content": BOS, "special": True},
         "eos_token": EOS,
     }
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    write_bpe_tokenizer(d, _corpus(), 600, tokenizer_config=cfg)
     return d
 
 
