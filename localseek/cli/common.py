@@ -10,7 +10,9 @@ from localseek.engine import Model, load
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", "-m", help="Hugging Face checkpoint folder (default: the bundled demo model)"
+        "--model",
+        "-m",
+        help="GGUF file or Hugging Face checkpoint folder (default: the bundled demo model)",
     )
     p.add_argument("--device", default="cpu", help="torch device of the GPU tier (cpu, cuda)")
     p.add_argument(

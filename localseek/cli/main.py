@@ -8,10 +8,15 @@ import logging
 import sys
 
 from localseek import __version__
-from localseek.cli import generate, inspect
+from localseek.cli import bench, chat, generate, inspect
 from localseek.errors import LocalseekError
 
-COMMANDS = {"generate": generate, "inspect": inspect}
+COMMANDS = {
+    "chat": chat,
+    "generate": generate,
+    "bench": bench,
+    "inspect": inspect,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

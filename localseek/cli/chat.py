@@ -1,0 +1,208 @@
+"""`localseek chat`: a multi-turn conversation in the terminal through the model's chat template.
+
+Rendering lives in ui.ChatUI; this module is the loop: read a turn, run a command or answer it.
+Ctrl-C during an answer stops that answer; what it wrote so far stays in the conversation (the
+user saw it, so the next turn builds on it), and the session goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+import psutil
+import torch
+
+from localseek.cli.common import add_model_args, load_from_args
+from localseek.cli.ui import ChatUI, SpeedLine, gib
+from localseek.engine import GenerationStats, Model
+from localseek.errors import LocalseekError
+from localseek.tokenizer import StreamDecoder
+
+HELP = "chat with a model in the terminal"
+
+
+def setup_arg_parser(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument(
+        "-n", "--max-new-tokens", type=int, default=2048, help="most tokens in one answer"
+    )
+    p.add_argument("--temperature", type=float, default=0.6, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+
+
+@dataclass
+class Conversation:
+    """The system prompt and the turns so far, as chat-template messages."""
+
+    system: str | None = None
+    turns: list[dict[str, str]] = field(default_factory=list)
+
+    def messages(self, user: str | None = None) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        out += self.turns
+        if user is not None:
+            out.append({"role": "user", "content": user})
+        return out
+
+
+@dataclass
+class SessionStats:
+    """The last answer's timings and the session's totals."""
+
+    answers: int = 0
+    last: GenerationStats | None = None
+    total: GenerationStats = field(default_factory=GenerationStats)
+
+    def add(self, stats: GenerationStats) -> None:
+        self.answers += 1
+        self.last = stats
+        for f in fields(GenerationStats):
+            setattr(self.total, f.name, getattr(self.total, f.name) + getattr(stats, f.name))
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        last, total = self.last or GenerationStats(), self.total
+        return [
+            ("answers", "", str(self.answers)),
+            ("prompt tokens", str(last.prompt_tokens), str(total.prompt_tokens)),
+            ("generated tokens", str(last.generated_tokens), str(total.generated_tokens)),
+            ("prefill seconds", f"{last.prefill_seconds:.2f}", f"{total.prefill_seconds:.2f}"),
+            ("decode seconds", f"{last.decode_seconds:.2f}", f"{total.decode_seconds:.2f}"),
+            (
+                "prefill tok/s",
+                f"{last.prefill_tokens_per_second:.1f}",
+                f"{total.prefill_tokens_per_second:.1f}",
+            ),
+            (
+                "decode tok/s",
+                f"{last.decode_tokens_per_second:.1f}",
+                f"{_session_decode_rate(total, self.answers):.1f}",
+            ),
+        ]
+
+
+def _session_decode_rate(total: GenerationStats, answers: int) -> float:
+    # each answer's first token comes from its prefill, so it is no decode step
+    steps = max(total.generated_tokens - answers, 0)
+    return steps / total.decode_seconds if total.decode_seconds else 0.0
+
+
+def memory_in_use(model: Model) -> tuple[int, int | None]:
+    """Bytes of this process's resident memory, and of torch's CUDA allocations when on CUDA."""
+    ram = psutil.Process().memory_info().rss
+    gpu = None
+    if model.options.device.type == "cuda":
+        gpu = torch.cuda.memory_allocated(model.options.device)
+    return ram, gpu
+
+
+class Chat:
+    """One chat session: a model, a conversation and its statistics, shown through a ChatUI."""
+
+    def __init__(self, model: Model, args: argparse.Namespace, ui: ChatUI) -> None:
+        if model.tokenizer is None:
+            raise LocalseekError(f"{model.path}: no tokenizer, so there is no way to chat.")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.args = args
+        self.ui = ui
+        self.conversation = Conversation(system=args.system)
+        self.stats = SessionStats()
+
+    def run(self) -> int:
+        """Read turns until /exit or the end of input; returns the exit code."""
+        ram, gpu = memory_in_use(self.model)
+        memory = f"RAM {gib(ram)}" + (f", GPU {gib(gpu)}" if gpu is not None else "")
+        self.ui.header(
+            self.model.path.name,
+            self.model.config.model_type,
+            str(self.model.options.device),
+            memory,
+        )
+        while (line := self.ui.read_turn()) is not None:
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    break
+                continue
+            self.answer(line)
+        return 0
+
+    def command(self, line: str) -> bool:
+        """Run one slash command; False means leave."""
+        name, _, rest = line.partition(" ")
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        if name == "/help":
+            self.ui.help()
+        elif name == "/reset":
+            self.conversation.turns.clear()
+            self.ui.note("conversation cleared")
+        elif name == "/stats":
+            if self.stats.answers:
+                self.ui.stats(self.stats.rows())
+            else:
+                self.ui.note("no answer yet")
+        elif name == "/system":
+            self.conversation = Conversation(system=rest.strip() or None)
+            said = "set" if rest.strip() else "cleared"
+            self.ui.note(f"system prompt {said}; conversation cleared")
+        else:
+            self.ui.error(f"unknown command {name}: /help lists them")
+        return True
+
+    def answer(self, user: str) -> None:
+        """Answer one user turn, streaming; Ctrl-C stops the answer, not the session."""
+        tok, args = self.tokenizer, self.args
+        try:
+            prompt = tok.apply_chat_template(self.conversation.messages(user), tokenize=False)
+            ids = tok.encode(prompt, add_bos=False)
+            gen = self.model.generate(
+                ids,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+            )
+        except LocalseekError as e:
+            self.ui.error(f"{e} (/reset starts over)")
+            return
+        # R1-style templates open the reasoning block in the prompt itself
+        self.ui.begin_answer(thinking=prompt.rstrip().endswith("<think>"))
+        stream = StreamDecoder(tok)
+        try:
+            for token in gen:
+                self.ui.stream(stream.push(token))
+            self.ui.stream(stream.flush())
+            stop_reason = gen.stop_reason
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+        self.ui.end_answer(stop_reason)
+        reply = tok.decode(stream.ids, skip_special_tokens=True)
+        if reply or stop_reason != "interrupted":
+            self.conversation.turns.append({"role": "user", "content": user})
+            self.conversation.turns.append({"role": "assistant", "content": reply})
+        self.stats.add(gen.stats)
+        ram, gpu = memory_in_use(self.model)
+        self.ui.speed(
+            SpeedLine(
+                gen.stats.prefill_tokens_per_second,
+                gen.stats.decode_tokens_per_second,
+                ram,
+                gpu,
+                # set by the offload layer's statistics once it exists
+                getattr(gen.stats, "expert_cache_hit_rate", None),
+                stopped_at_limit=stop_reason == "length",
+            )
+        )
+
+
+def main(args: argparse.Namespace) -> int:
+    with ChatUI() as ui:
+        model = load_from_args(args, ui.err)
+        return Chat(model, args, ui).run()
