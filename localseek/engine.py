@@ -17,6 +17,7 @@ from localseek.errors import LocalseekError
 from localseek.model.kv_cache import KVCache
 from localseek.model.moe import ReferenceExperts
 from localseek.model.transformer import Transformer
+from localseek.offload import CPUExperts, expert_executor
 from localseek.options import DEFAULT_CTX, RuntimeOptions, set_threads
 from localseek.quant import QTensor, Weight
 from localseek.sampling import Sampler, SamplingParams
@@ -105,7 +106,8 @@ class Model:
                 (weights.pop(f"{p}{e}.w1"), weights.pop(f"{p}{e}.w2"), weights.pop(f"{p}{e}.w3"))
                 for e in range(cfg.n_routed_experts)
             ]
-        self.experts = ReferenceExperts(experts)
+        # quantized experts on the CPU run in the numba kernels; dense ones stay on the reference
+        self.experts = expert_executor(experts)
         self.net = Transformer(cfg, weights, self.experts, self.ctx, options.device)
         self.net.eval()
 
@@ -214,7 +216,7 @@ class Model:
         return total
 
 
-def _all_weights(net: Transformer, experts: ReferenceExperts) -> Iterator[Weight]:
+def _all_weights(net: Transformer, experts: ReferenceExperts | CPUExperts) -> Iterator[Weight]:
     for module in net.modules():
         for v in vars(module).values():
             if isinstance(v, (torch.Tensor, QTensor)):

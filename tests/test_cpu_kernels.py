@@ -1,0 +1,116 @@
+"""numba CPU kernels: each format against dequantize + float64 matmul, the fused MoE layer
+against ReferenceExperts, and a quantized GGUF model against the reference expert path."""
+
+from __future__ import annotations
+
+import gguf_util as gu
+import models
+import numpy as np
+import pytest
+import torch
+
+import localseek
+import localseek.engine
+from localseek.checkpoint import open_checkpoint
+from localseek.gguf_writer import write_gguf
+from localseek.model.moe import ReferenceExperts
+from localseek.offload import CPUExperts
+from localseek.quant import QTensor
+from localseek.quant.cpu_kernels import qmatmul
+from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
+
+BLOCKS = {"ggml_q8_0": (32, 34), "ggml_q4_0": (32, 18), "ggml_q4_k": (256, 144)}
+
+
+def _rel(got: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
+    got, ref = torch.as_tensor(got).double(), torch.as_tensor(ref).double()
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def _random_weights(qtype: str, shape: tuple[int, int], n: int, seed: int) -> list[QTensor]:
+    """n random weights of one format, as views of one (n, rows, row_bytes) stack like GGUF's.
+
+    Random bytes cover every quant and packed-scale bit pattern; the f16 scales are set to
+    finite values."""
+    rng = np.random.default_rng(seed)
+    rows, cols = shape
+    if qtype == FP8_QTYPE:
+        raw = rng.integers(0, 256, (n, rows, cols), dtype=np.uint8)
+        raw[(raw & 0x7F) == 0x7F] = 0x3C  # e4m3fn NaN -> a number
+        data = torch.from_numpy(raw).view(torch.float8_e4m3fn)
+        scale = torch.from_numpy(rng.uniform(0.01, 2, (n, *fp8_scale_shape(shape))).astype("f4"))
+        return [QTensor(qtype, shape, data[e], scale[e]) for e in range(n)]
+    block, size = BLOCKS[qtype]
+    raw = rng.integers(0, 256, (n, rows, cols // block, size), dtype=np.uint8)
+    n_f16 = 2 if qtype == "ggml_q4_k" else 1  # d (and dmin)
+    f16 = rng.uniform(-0.05, 0.05, (n, rows, cols // block, n_f16)).astype(np.float16)
+    raw[..., : 2 * n_f16] = f16.view(np.uint8)
+    stack = raw.reshape(n, rows, -1)
+    return [QTensor(qtype, shape, torch.from_numpy(stack[e])) for e in range(n)]
+
+
+CASES = [  # partial row chunks, partial column tiles, partial FP8 blocks
+    ("ggml_q8_0", (40, 288)),
+    ("ggml_q4_0", (40, 288)),
+    ("ggml_q4_k", (40, 512)),
+    (FP8_QTYPE, (200, 300)),
+]
+
+
+@pytest.mark.parametrize("qtype,shape", CASES)
+def test_qmatmul_equals_dequantize_matmul(qtype, shape) -> None:
+    (w,) = _random_weights(qtype, shape, 1, seed=1)
+    dense = w.dequantize(torch.float32).double()
+    for T in (1, 4, 33):
+        x = torch.randn(T, shape[1])
+        y = qmatmul(x, w.qtype, w.data, w.scale)
+        assert y.shape == (T, shape[0])
+        assert _rel(y, x.double() @ dense.T) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "formats",
+    [("ggml_q4_k", "ggml_q8_0", "ggml_q4_k"), ("ggml_q4_0",) * 3, (FP8_QTYPE,) * 3],
+)
+def test_fused_layer_equals_reference(formats) -> None:
+    E, hidden, inter, K = 6, 512, 256, 3
+    f1, f2, f3 = formats
+    w1 = _random_weights(f1, (inter, hidden), E, seed=2)
+    w2 = _random_weights(f2, (hidden, inter), E, seed=3)
+    w3 = _random_weights(f3, (inter, hidden), E, seed=4)
+    weights = {5: list(zip(w1, w2, w3, strict=True))}
+    reference = ReferenceExperts({5: list(weights[5])})
+    cpu = CPUExperts(weights)
+    assert 5 in cpu.stacks
+    if f1 != FP8_QTYPE:  # GGUF-like views: the stack is used in place
+        assert np.shares_memory(cpu.stacks[5][0][1], w1[0].data.numpy())
+    for N in (1, 4, 33):
+        x = torch.randn(N, hidden)
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(N)])  # (N, K)
+        wts = torch.rand(N, K)
+        got = cpu(5, x, ids, wts)
+        assert _rel(got, reference(5, x, ids, wts)) < 1e-5
+
+
+IDS = [0, 5, 77, 130, 200, 9, 31, 250, 3, 100, 42, 7]
+
+
+@pytest.mark.parametrize("ftype,label", [(7, "q8_0"), (2, "q4_0"), (14, "q4_k_s")])
+def test_gguf_model_with_cpu_experts(ftype, label, tmp_path, monkeypatch) -> None:
+    path = tmp_path / "hf"
+    over = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256)
+    models.build("v3", path, seed=5, vocab_size=gu.VOCAB, num_hidden_layers=2, **over)
+    gu.write_tokenizer(path)
+    with open_checkpoint(path) as ckpt:
+        f32 = write_gguf(ckpt, tmp_path / "f32.gguf", "f32")[0]
+    quant = tmp_path / f"{label}.gguf"
+    gu.llama_quantize(f32, quant, ftype)
+    model = localseek.load(quant, exact=True)
+    assert isinstance(model.experts, CPUExperts) and model.experts.stacks
+    ours = model.logits(IDS)
+    monkeypatch.setattr(localseek.engine, "expert_executor", ReferenceExperts)
+    reference = localseek.load(quant, exact=True)
+    assert isinstance(reference.experts, ReferenceExperts)
+    rel = _rel(ours, reference.logits(IDS))
+    print(f"{label}: CPUExperts vs reference logits {rel:.2e}")
+    assert rel < 1e-5
