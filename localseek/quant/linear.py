@@ -5,15 +5,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from localseek.quant import gpu_kernels
 from localseek.quant.tensor import QTensor, Weight
+
+# QTensor formats the numba CPU kernels multiply straight from the stored bytes
+_CPU_KERNEL_QTYPES = {"ggml_q8_0", "ggml_q4_0", "ggml_q4_k", "fp8_e4m3_b128"}
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x @ w.T for a dense or quantized weight ``w`` of shape (out, in).
 
-    Quantized weights are dequantized on use here; faster kernels plug in by type tag.
+    A 2-D QTensor in a CPU-kernel format with ``x`` on the CPU goes through the numba kernel
+    (float32 accumulation, the exact dequantized values); one on another device goes through the
+    tiled GPU-tier kernels (``gpu_kernels``); other QTensors are dequantized on use.
     """
     if isinstance(w, QTensor):
+        on_cpu = w.device.type == "cpu" and x.device.type == "cpu"
+        if w.qtype in _CPU_KERNEL_QTYPES and len(w.shape) == 2 and on_cpu:
+            from localseek.quant.cpu_kernels import qmatmul  # numba: imported on first use
+
+            flat = x.reshape(-1, x.shape[-1]).float()  # (B*T, in)
+            y = qmatmul(flat, w.qtype, w.data, w.scale)  # (B*T, out)
+            return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+        if w.device.type != "cpu" and gpu_kernels.supports(w):  # GPU tier: tile by tile
+            return gpu_kernels.qmatmul(x, w)
         w = w.dequantize(x.dtype)
     return F.linear(x, w)
 
