@@ -1,4 +1,4 @@
-"""Write any localseek Checkpoint as a llama.cpp ``deepseek2`` GGUF file.
+"""Write any localseek Checkpoint as a llama.cpp ``deepseek2`` GGUF file, tensor by tensor.
 
 The layout is what current ``convert_hf_to_gguf.py`` writes and llama.cpp's deepseek2 loader
 reads: stacked routed experts (``ffn_{gate,up,down}_exps``), ``wkv_b`` split per head into
@@ -6,8 +6,11 @@ reads: stacked routed experts (``ffn_{gate,up,down}_exps``), ``wkv_b`` split per
 ``mla=False``, the legacy unsplit ``attn_kv_b``), ``expert_gating_func`` always written, and the
 tokenizer as ``tokenizer.ggml.*`` (gpt2 BPE, pre-tokenizer "deepseek-v3").
 
-The output appears atomically: shards are written into a temporary folder beside ``dst`` and
-moved into place only when complete.
+Writing streams: every tensor's name, shape and type are planned from the checkpoint's shapes
+first (so the header and tensor infos go out before any data), then each tensor is read,
+encoded and written in parts (one routed expert at a time for the stacks), so memory stays near
+one source tensor. The output appears atomically: shards are written into a temporary folder
+beside ``dst`` and moved into place only when complete.
 """
 
 from __future__ import annotations
@@ -16,20 +19,22 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from gguf import (
     GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
     ExpertGatingFuncType,
     GGMLQuantizationType,
     GGUFWriter,
     RopeScalingType,
     TokenType,
 )
-from gguf.quants import quantize
 
 from localseek.checkpoint.base import Checkpoint, expected_shapes
 from localseek.checkpoint.gguf_names import (
@@ -45,56 +50,123 @@ from localseek.checkpoint.gguf_names import (
 from localseek.config import ModelConfig
 from localseek.errors import LocalseekError
 from localseek.quant import dense
+from localseek.quant.codecs import WRITABLE, encoded_nbytes, quantize
 from localseek.tokenizer import Tokenizer
 
-QTYPES = {
-    "f32": GGMLQuantizationType.F32,
-    "f16": GGMLQuantizationType.F16,
-    "bf16": GGMLQuantizationType.BF16,
-    "q8_0": GGMLQuantizationType.Q8_0,
-}
-_KEEP_F32 = ("ffn_gate_inp.weight", "exp_probs_b.bias")  # router: tiny and precision-critical
+QTYPES = WRITABLE  # f32, f16, bf16, q8_0, q4_0, q4_k
+_ROUTER = ("ffn_gate_inp.weight", "exp_probs_b.bias")  # tiny and precision-critical: F32
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of the output file, planned before any data is read.
+
+    Attributes:
+        name: GGUF tensor name.
+        shape: numpy-order shape (rows last), e.g. (n_expert, out, in) for an expert stack.
+        kind: "experts", "attention", "shared", "dense", "embed", "head", "norm" or "router".
+        parts: yields (float32 array, source bytes) pieces whose concatenation in C order is
+            the tensor; each piece's last axis is a whole row.
+        qtype: the type it is written in (set by the recipe).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    parts: Callable[[], Iterator[tuple[np.ndarray, int]]]
+    qtype: GGMLQuantizationType = GGMLQuantizationType.F32
+
+    @property
+    def nbytes(self) -> int:
+        return encoded_nbytes(self.qtype, self.shape)
+
+
+Recipe = Callable[[GGUFTensor], GGMLQuantizationType]
+PartHook = Callable[[GGUFTensor, np.ndarray, np.ndarray], None]
+
+
+def fits(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
+    """Whether rows of ``shape`` are a whole number of ``qtype`` blocks."""
+    return shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0
+
+
+def simple_recipe(qtype: GGMLQuantizationType) -> Recipe:
+    """Matrices at ``qtype`` (F16 where a row does not fill whole blocks); norms and router F32."""
+
+    def choose(t: GGUFTensor) -> GGMLQuantizationType:
+        if t.kind in ("norm", "router") or qtype == GGMLQuantizationType.F32:
+            return GGMLQuantizationType.F32
+        return qtype if fits(qtype, t.shape) else GGMLQuantizationType.F16
+
+    return choose
 
 
 def write_gguf(
     checkpoint: Checkpoint,
     dst: str | Path,
-    qtype: str = "f32",
+    qtype: str | Recipe = "f32",
     mla: bool = True,
     split_max_tensors: int = 0,
+    on_part: PartHook | None = None,
+    progress: Callable[[int], None] | None = None,
+    file_type: int | None = None,
 ) -> list[Path]:
-    """Write ``checkpoint`` as a llama.cpp deepseek2 GGUF.
+    """Write ``checkpoint`` as a llama.cpp deepseek2 GGUF, streaming tensor by tensor.
 
     Args:
         checkpoint: any localseek checkpoint (its tensors are read dequantized to float32).
         dst: output path ending in ``.gguf``; with splitting, the shards are named
             ``NAME-00001-of-0000N.gguf`` beside it.
-        qtype: "f32", "f16", "bf16" or "q8_0" for matrices (norms and the router stay F32;
-            rows that do not fill whole Q8_0 blocks fall back to F16).
+        qtype: "f32", "f16", "bf16", "q8_0", "q4_0" or "q4_k" for matrices (norms and the
+            router stay F32; rows that do not fill whole blocks fall back to F16), or a recipe
+            that picks each tensor's type.
         mla: write ``attn_k_b``/``attn_v_b`` (current llama.cpp layout); False writes ``attn_kv_b``.
         split_max_tensors: at most this many tensors per shard (0: one file).
+        on_part: called with (tensor, float32 source piece, encoded piece) as each is written.
+        progress: called with the source bytes of each piece once it is written.
+        file_type: ``general.file_type`` to record (llama.cpp's LLAMA_FTYPE_*), if any.
     Returns:
         The paths written.
     """
-    if qtype not in QTYPES:
-        raise LocalseekError(f"GGUF type '{qtype}' is not supported (one of {', '.join(QTYPES)}).")
+    if isinstance(qtype, str):
+        if qtype not in QTYPES:
+            raise LocalseekError(
+                f"GGUF type '{qtype}' is not supported (one of {', '.join(QTYPES)})."
+            )
+        recipe = simple_recipe(QTYPES[qtype])
+    else:
+        recipe = qtype
     dst = Path(dst)
     cfg = checkpoint.config
+    tok = checkpoint.tokenizer()
+    if tok is None:
+        raise LocalseekError(
+            f"{checkpoint.path}: no tokenizer, and llama.cpp needs one in the GGUF file."
+        )
+    plan = gguf_tensors(checkpoint, mla)
+    for t in plan:
+        t.qtype = recipe(t)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    writer = GGUFWriter(tmp_dir / dst.name, ARCH, split_max_tensors=split_max_tensors)
     try:
-        writer = GGUFWriter(tmp_dir / dst.name, ARCH, split_max_tensors=split_max_tensors)
         _write_config(writer, cfg, mla)
-        tok = checkpoint.tokenizer()
-        if tok is None:
-            raise LocalseekError(
-                f"{checkpoint.path}: no tokenizer, and llama.cpp needs one in the GGUF file."
-            )
         _write_tokenizer(writer, tok, cfg.vocab_size)
-        for name, array in _gguf_tensors(checkpoint, mla):
-            _add_tensor(writer, name, array, QTYPES[qtype])
+        if any(t.qtype not in _DENSE for t in plan):
+            writer.add_quantization_version(GGML_QUANT_VERSION)
+        if file_type is not None:
+            writer.add_file_type(file_type)
+        for t in plan:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, t.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        by_name = {t.name: t for t in plan}
+        assert writer.fout is not None
+        for fout, infos in zip(writer.fout, writer.tensors, strict=True):
+            writer.write_padding(fout, fout.tell())
+            for name in infos:
+                _write_data(fout, by_name[name], on_part, progress)
+                writer.write_padding(fout, by_name[name].nbytes)
         writer.close()
         written = []
         for f in sorted(tmp_dir.iterdir()):
@@ -102,7 +174,27 @@ def write_gguf(
             written.append(dst.parent / f.name)
         return written
     finally:
+        writer.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+_DENSE = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+def _write_data(
+    fout: BinaryIO, t: GGUFTensor, on_part: PartHook | None, progress: Callable[[int], None] | None
+) -> None:
+    written = 0
+    for values, src_bytes in t.parts():
+        encoded = quantize(values, t.qtype)
+        encoded.tofile(fout)
+        written += encoded.nbytes
+        if on_part is not None:
+            on_part(t, values, encoded)
+        if progress is not None:
+            progress(src_bytes)
+    if written != t.nbytes:  # a source tensor whose size disagrees with its planned shape
+        raise LocalseekError(f"tensor {t.name} produced {written} bytes, expected {t.nbytes}.")
 
 
 def _write_config(w: GGUFWriter, cfg: ModelConfig, mla: bool) -> None:
@@ -189,42 +281,71 @@ def _f32(ckpt: Checkpoint, name: str) -> np.ndarray:
     return dense(ckpt.tensor(name, torch.float32), torch.float32).contiguous().numpy()
 
 
-def _gguf_tensors(ckpt: Checkpoint, mla: bool) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in numpy order) for every tensor of the model."""
+def _kind(gguf_name: str, ndim: int) -> str:
+    if gguf_name.endswith(_ROUTER):
+        return "router"
+    if ndim == 1:
+        return "norm"
+    if gguf_name.startswith("token_embd"):
+        return "embed"
+    if gguf_name.startswith("output"):
+        return "head"
+    if "_exps" in gguf_name:
+        return "experts"
+    if "_shexp" in gguf_name:
+        return "shared"
+    if ".ffn_" in gguf_name:
+        return "dense"
+    return "attention"
+
+
+def gguf_tensors(ckpt: Checkpoint, mla: bool = True) -> list[GGUFTensor]:
+    """Every tensor of the model as the GGUF file holds it, planned from shapes alone."""
     cfg = ckpt.config
-    H, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-    for name in expected_shapes(cfg):
+    H, nope, v, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    plan: list[GGUFTensor] = []
+
+    def whole(name: str, transform: Callable[[np.ndarray], np.ndarray] | None = None, half=0):
+        def parts() -> Iterator[tuple[np.ndarray, int]]:
+            values = _f32(ckpt, name)
+            n = ckpt.nbytes(name)  # wkv_b is read twice (k_b, v_b): count half each time
+            n = n if not half else (n // 2 if half == 1 else n - n // 2)
+            yield (values if transform is None else transform(values)), n
+
+        return parts
+
+    def add(gguf_name: str, shape: tuple[int, ...], parts) -> None:
+        plan.append(GGUFTensor(gguf_name, tuple(shape), _kind(gguf_name, len(shape)), parts))
+
+    shapes = expected_shapes(cfg)
+    for name, shape in shapes.items():
         expert = canonical_expert(name)
         if expert is not None:
             layer, e, proj = expert
-            if e == 0:  # one stack per layer and projection: (E, out, in)
+            if e == 0:  # one stack per layer and projection: (E, out, in), one expert a part
                 prefix = f"layers.{layer}.ffn.experts."
-                stack = np.stack(
-                    [_f32(ckpt, f"{prefix}{j}.{proj}") for j in range(cfg.n_routed_experts)]
-                )
-                yield EXPERT_STACK_OF[proj].format(i=layer), stack
+                names = [f"{prefix}{j}.{proj}" for j in range(cfg.n_routed_experts)]
+
+                def stack(names=names) -> Iterator[tuple[np.ndarray, int]]:
+                    for n in names:
+                        yield _f32(ckpt, n), ckpt.nbytes(n)
+
+                add(EXPERT_STACK_OF[proj].format(i=layer), (len(names), *shape), stack)
             continue
         if name.endswith(".attn.wkv_b") and mla:
             i = int(name.split(".")[1])
-            heads = _f32(ckpt, name).reshape(H, nope + v, cfg.kv_lora_rank)
             # W_UK transposed per head: (H, kv_lora_rank, nope); W_UV: (H, v, kv_lora_rank)
-            yield ATTN_K_B.format(i=i), np.ascontiguousarray(heads[:, :nope].transpose(0, 2, 1))
-            yield ATTN_V_B.format(i=i), np.ascontiguousarray(heads[:, nope:])
+            k_b = whole(
+                name, lambda w: w.reshape(H, nope + v, r)[:, :nope].transpose(0, 2, 1).copy(), 1
+            )
+            v_b = whole(name, lambda w: w.reshape(H, nope + v, r)[:, nope:].copy(), 2)
+            add(ATTN_K_B.format(i=i), (H, r, nope), k_b)
+            add(ATTN_V_B.format(i=i), (H, v, r), v_b)
             continue
         if name.startswith("layers."):
             i = int(name.split(".")[1])
             template = name.replace(f"layers.{i}.", "layers.{i}.", 1)
-            yield CANONICAL_TO_GGUF[template].format(i=i), _f32(ckpt, name)
+            add(CANONICAL_TO_GGUF[template].format(i=i), shape, whole(name))
         else:
-            yield CANONICAL_TO_GGUF[name], _f32(ckpt, name)
-
-
-def _add_tensor(w: GGUFWriter, name: str, array: np.ndarray, qtype: GGMLQuantizationType) -> None:
-    if array.ndim == 1 or name.endswith(_KEEP_F32) or qtype == GGMLQuantizationType.F32:
-        w.add_tensor(name, array.astype(np.float32))
-        return
-    block = GGML_QUANT_SIZES[qtype][0]
-    if qtype == GGMLQuantizationType.F16 or array.shape[-1] % block:
-        w.add_tensor(name, array.astype(np.float16))
-        return
-    w.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
+            add(CANONICAL_TO_GGUF[name], shape, whole(name))
+    return plan

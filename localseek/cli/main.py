@@ -8,7 +8,7 @@ import logging
 import sys
 
 from localseek import __version__
-from localseek.cli import bench, chat, generate, inspect
+from localseek.cli import bench, chat, generate, inspect, quantize
 from localseek.errors import LocalseekError
 
 COMMANDS = {
@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": generate,
     "bench": bench,
     "inspect": inspect,
+    "quantize": quantize,
 }
 
 
