@@ -12,7 +12,12 @@ read per decoded token and the effective GB/s. Writes
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# as localseek/__init__.py does, but before torch loads libgomp (llama.cpp shares it here)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import json
 import shlex
 import statistics

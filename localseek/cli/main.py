@@ -8,7 +8,7 @@ import logging
 import sys
 
 from localseek import __version__
-from localseek.cli import bench, chat, generate, inspect, quantize
+from localseek.cli import bench, chat, generate, inspect, plan, profile, quantize
 from localseek.errors import LocalseekError
 
 COMMANDS = {
@@ -17,6 +17,8 @@ COMMANDS = {
     "bench": bench,
     "inspect": inspect,
     "quantize": quantize,
+    "plan": plan,
+    "profile": profile,
 }
 
 

@@ -72,10 +72,13 @@ class CPUExperts:
     Args:
         weights: layer -> [(w1, w2, w3) per expert]; entries of stacked layers are rebound to
             views of the stack.
+        exact: float32 activations; False lets the kernels quantize them to int8 per 32 for
+            integer dot products (GGML formats), about 0.5% relative error per projection.
     """
 
-    def __init__(self, weights: ExpertWeights):
+    def __init__(self, weights: ExpertWeights, exact: bool = True):
         self.weights = weights
+        self.exact = exact
         self.stacks: dict[int, tuple[Projection, Projection, Projection]] = {}
         for layer, experts in weights.items():
             projs = []
@@ -102,11 +105,11 @@ class CPUExperts:
         xs = np.ascontiguousarray(x.detach().float().numpy())  # (N, hidden)
         ids = np.ascontiguousarray(topk_ids.detach().cpu().numpy(), dtype=np.int64)  # (N, K)
         wts = np.ascontiguousarray(topk_weights.detach().float().cpu().numpy())  # (N, K)
-        y = moe_swiglu(xs, ids, wts, w1, w3, w2)
+        y = moe_swiglu(xs, ids, wts, w1, w3, w2, exact=self.exact)
         return torch.from_numpy(y).to(x.dtype)
 
 
-def expert_executor(weights: ExpertWeights) -> CPUExperts | ReferenceExperts:
+def expert_executor(weights: ExpertWeights, exact: bool = True) -> CPUExperts | ReferenceExperts:
     """CPUExperts when the kernels can run at least one layer's experts, else the reference."""
-    executor = CPUExperts(weights)
+    executor = CPUExperts(weights, exact)
     return executor if executor.stacks else ReferenceExperts(weights)

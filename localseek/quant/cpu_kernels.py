@@ -1,10 +1,17 @@
 """Numba CPU kernels: y = x @ W.T straight from the stored blocks, and one call per MoE layer.
 
-Weights are never dequantized as a whole: each worker decodes a tile of ``_TILE_ROWS`` rows by
-``_TILE`` columns into float32 (the exact values ``QTensor.dequantize`` gives), multiplies it
-with every token's activations and sums each tile's products pairwise. Accumulation is float32
-and activations are never rounded (``exact=True`` semantics). Work is split over output rows
-with ``prange``, so each thread reads a disjoint slice of the weight bytes.
+Weights are never dequantized as a whole, and work is split over output rows with ``prange``
+so each thread reads a disjoint slice of the weight bytes. Two paths:
+
+- streaming (every GGML format, FP8 rows of whole 32-column chunks; any T): each row's bytes
+  are decoded by the vector-IR intrinsics of ``cpu_rowdot`` once per 4 tokens, in blocks of
+  ``_TOKEN_BLOCK`` tokens whose activations stay in L2; at decode each row is read once.
+  ``exact=True``: float32 activations, float32 sums (reordered, still within 1e-5 of float64).
+  ``exact=False`` (GGML formats): activations rounded to int8 per 32 and multiplied in integer
+  arithmetic, exact for the rounded activations (about 0.5% relative RMS from the rounding).
+- tiles (FP8 rows of other widths): each worker decodes a tile of ``_TILE_ROWS`` rows by
+  ``_TILE`` columns into float32 (the exact values ``QTensor.dequantize`` gives) and multiplies
+  it with every token's activations; about ten times slower than streaming.
 
 Formats (``FMT_*``), raw bytes as in GGUF, one row of blocks per output row:
     Q8_0  34-byte blocks of 32: f16 d, 32 int8; w = d * q
@@ -22,9 +29,16 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from localseek.quant.cpu_rowdot import (
+    FMT_FP8,
+    FMT_Q4_0,
+    FMT_Q4_K,
+    FMT_Q8_0,
+    make_rowdot,
+    make_rowdot_q8,
+)
 from localseek.quant.fp8 import FP8_BLOCK, FP8_QTYPE
 
-FMT_Q8_0, FMT_Q4_0, FMT_Q4_K, FMT_FP8 = 0, 1, 2, 3
 KERNEL_FORMATS: dict[str, int] = {
     "ggml_q8_0": FMT_Q8_0,
     "ggml_q4_0": FMT_Q4_0,
@@ -39,6 +53,16 @@ _TILE_ROWS = 16  # rows decoded at once (the vector lanes); a thread's unit of w
 # half -> float32 and e4m3fn -> float32 for every bit pattern: exact, and cheap to index
 F16_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 FP8_LUT = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+_TOKEN_BLOCK = 16  # tokens streamed per pass over a row chunk: (16, 7168) float32 is 458 KiB
+_FM = {"contract", "reassoc"}  # float32 sums may be reordered and fused (still exact inputs)
+_RD1_Q8_0, _RD1_Q4_0, _RD1_Q4_K, _RD1_FP8 = (
+    make_rowdot(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K, FMT_FP8)
+)
+_RD4_Q8_0, _RD4_Q4_0, _RD4_Q4_K, _RD4_FP8 = (
+    make_rowdot(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K, FMT_FP8)
+)
+_RQ1_Q8_0, _RQ1_Q4_0, _RQ1_Q4_K = (make_rowdot_q8(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
+_RQ4_Q8_0, _RQ4_Q4_0, _RQ4_Q4_K = (make_rowdot_q8(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 
 
 def block_size(fmt: int) -> int:
@@ -144,10 +168,182 @@ def _gemm_rows(
             out[t, i] = acc[t, i]
 
 
+# --- streaming: each row decoded once per 4 tokens (cpu_rowdot) ---------------------------------
+
+
+@njit(cache=True)
+def _stream_ok(fmt: int, n_in: int) -> bool:
+    """Whether cpu_rowdot can run this format at this row length (FP8: whole 32-column chunks)."""
+    return fmt != FMT_FP8 or n_in % 32 == 0
+
+
+@njit(cache=True)
+def _permute(fmt: int, x: np.ndarray) -> np.ndarray:
+    """Activations (T, in) in cpu_rowdot's order: within each run of 4 * L values (L = 4 for
+    Q4_0, else 8), value 4 * i + k goes to k * L + i, times 256**-k for the nibble formats."""
+    T, n = x.shape
+    lanes = 4 if fmt == FMT_Q4_0 else 8
+    run = 4 * lanes
+    xp = x.copy()  # a tail shorter than a run (never read by cpu_rowdot) stays as it is
+    for t in range(T):
+        for c in range(n // run):
+            o = c * run
+            for k in range(4):
+                f = np.float32(2.0 ** (-8 * k)) if fmt in (FMT_Q4_K, FMT_Q4_0) else np.float32(1)
+                for i in range(lanes):
+                    xp[t, o + k * lanes + i] = x[t, o + 4 * i + k] * f
+    return xp
+
+
+@njit(fastmath=_FM, cache=True)
+def _block_sums(x: np.ndarray) -> np.ndarray:
+    """Sums of each 32 consecutive activations: float32 (T, in // 32)."""
+    T, n = x.shape
+    xs = np.zeros((T, n // 32), dtype=np.float32)
+    for t in range(T):
+        for c in range(n // 32):
+            acc = np.float32(0)
+            for i in range(32):
+                acc += x[t, c * 32 + i]
+            xs[t, c] = acc
+    return xs
+
+
+@njit(cache=True)
+def _quantize(fmt: int, x: np.ndarray):
+    """Activations (T, in) as int8 per 32 (scale max|x| / 127), for cpu_rowdot's int path.
+
+    Returns int16 (T, in) values permuted within runs of 2 * L (L = 8 for Q4_0, else 16):
+    value 2 * i + k goes to k * L + i; float32 (T, in // 32) scales; float32 (T, in // 32)
+    sums of the int8 values per 32 (Q4_K: times the scale)."""
+    T, n = x.shape
+    half = 8 if fmt == FMT_Q4_0 else 16
+    xq = np.zeros((T, n), dtype=np.int16)
+    dx = np.zeros((T, n // 32), dtype=np.float32)
+    xs = np.zeros((T, n // 32), dtype=np.float32)
+    q = np.empty(32, dtype=np.int16)
+    for t in range(T):
+        for c in range(n // 32):
+            o = c * 32
+            amax = np.float32(0)
+            for i in range(32):
+                amax = max(amax, abs(x[t, o + i]))
+            inv = np.float32(127) / amax if amax > 0 else np.float32(0)
+            qsum = 0
+            for i in range(32):
+                q[i] = np.int16(np.rint(x[t, o + i] * inv))
+                qsum += q[i]
+            dx[t, c] = amax / np.float32(127)
+            # Q4_K's mins take the rounded activations too: the result is exact for them
+            xs[t, c] = np.float32(qsum) * dx[t, c] if fmt == FMT_Q4_K else np.float32(qsum)
+            for r in range(0, 32, 2 * half):
+                for k in range(2):
+                    for i in range(half):
+                        xq[t, o + r + k * half + i] = q[r + 2 * i + k]
+    return xq, dx, xs
+
+
+@njit(fastmath=_FM, cache=True)
+def _dot_tokens_q8(fmt, row, xq, dx, xs, t0, n, out, f16) -> None:
+    """out[i] = W_row . x[t0 + i] for i < n with int8 activations (not FP8)."""
+    t = 0
+    while t < n:
+        if n - t >= 4:
+            o = out[t : t + 4]
+            if fmt == FMT_Q4_K:
+                _RQ4_Q4_K(row, xq, t0 + t, dx, xs, f16, o)
+            elif fmt == FMT_Q8_0:
+                _RQ4_Q8_0(row, xq, t0 + t, dx, xs, f16, o)
+            else:
+                _RQ4_Q4_0(row, xq, t0 + t, dx, xs, f16, o)
+            t += 4
+        else:
+            o = out[t : t + 1]
+            if fmt == FMT_Q4_K:
+                _RQ1_Q4_K(row, xq, t0 + t, dx, xs, f16, o)
+            elif fmt == FMT_Q8_0:
+                _RQ1_Q8_0(row, xq, t0 + t, dx, xs, f16, o)
+            else:
+                _RQ1_Q4_0(row, xq, t0 + t, dx, xs, f16, o)
+            t += 1
+
+
+@njit(cache=True)
+def _prepare(fmt: int, x: np.ndarray, exact: bool):
+    """What the streaming path needs of activations x (T, in), or nothing for the tile path:
+    (use int8 path, float permuted, int8 permuted, int8 scales, sums per 32)."""
+    T, n = x.shape
+    if not _stream_ok(fmt, n):
+        return False, x, np.zeros((0, 0), np.int16), x, x
+    if exact or fmt == FMT_FP8:
+        return False, _permute(fmt, x), np.zeros((0, 0), np.int16), x, _block_sums(x)
+    xq, dx, xs = _quantize(fmt, x)
+    return True, x, xq, dx, xs
+
+
+@njit(fastmath=_FM, cache=True)
+def _dot_tokens(fmt, row, srow, xp, xs, t0, n, out, f16) -> None:
+    """out[i] = W_row . x[t0 + i] for i < n, the row's bytes decoded once per 4 tokens."""
+    t = 0
+    while t < n:
+        if n - t >= 4:
+            o = out[t : t + 4]
+            if fmt == FMT_Q4_K:
+                _RD4_Q4_K(row, xp, t0 + t, xs, srow, f16, o)
+            elif fmt == FMT_Q8_0:
+                _RD4_Q8_0(row, xp, t0 + t, xs, srow, f16, o)
+            elif fmt == FMT_Q4_0:
+                _RD4_Q4_0(row, xp, t0 + t, xs, srow, f16, o)
+            else:
+                _RD4_FP8(row, xp, t0 + t, xs, srow, f16, o)
+            t += 4
+        else:
+            o = out[t : t + 1]
+            if fmt == FMT_Q4_K:
+                _RD1_Q4_K(row, xp, t0 + t, xs, srow, f16, o)
+            elif fmt == FMT_Q8_0:
+                _RD1_Q8_0(row, xp, t0 + t, xs, srow, f16, o)
+            elif fmt == FMT_Q4_0:
+                _RD1_Q4_0(row, xp, t0 + t, xs, srow, f16, o)
+            else:
+                _RD1_FP8(row, xp, t0 + t, xs, srow, f16, o)
+            t += 1
+
+
+@njit(fastmath=_FM, cache=True)
+def _gemm_stream(
+    fmt: int,
+    w: np.ndarray,  # uint8 (rows, row_bytes)
+    scale: np.ndarray,  # float32 (row_blocks, col_blocks); FP8 only
+    quant: bool,  # int8 activations xq, dx (else float32 xp)
+    xp: np.ndarray,  # float32 (T, in), permuted by _permute
+    xq: np.ndarray,  # int16 (T, in), from _quantize
+    dx: np.ndarray,  # float32 (T, in // 32), from _quantize
+    xs: np.ndarray,  # float32 (T, in // 32), sums per 32 (_block_sums or _quantize)
+    t0: int,
+    n: int,
+    r0: int,
+    r1: int,
+    out: np.ndarray,  # float32 (n, r1 - r0): out[i, j] = x[t0 + i] . W[r0 + j]
+    f16: np.ndarray,
+) -> None:
+    buf = np.empty(_TOKEN_BLOCK, dtype=np.float32)
+    for tb in range(0, n, _TOKEN_BLOCK):
+        nb = min(_TOKEN_BLOCK, n - tb)
+        for r in range(r0, r1):
+            srow = scale[r // FP8_BLOCK] if fmt == FMT_FP8 else scale[0]
+            if quant:
+                _dot_tokens_q8(fmt, w[r], xq, dx, xs, t0 + tb, nb, buf, f16)
+            else:
+                _dot_tokens(fmt, w[r], srow, xp, xs, t0 + tb, nb, buf, f16)
+            for i in range(nb):
+                out[tb + i, r - r0] = buf[i]
+
+
 # --- one matrix ------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=True, fastmath=_FM, cache=True)
 def _qmatmul(
     fmt: int,
     w: np.ndarray,  # uint8 (rows, row_bytes)
@@ -156,15 +352,21 @@ def _qmatmul(
     y: np.ndarray,  # float32 (T, rows)
     f16: np.ndarray,
     fp8: np.ndarray,
+    exact: bool,
 ) -> None:
     T = x.shape[0]
     rows = w.shape[0]
+    stream = _stream_ok(fmt, x.shape[1])
+    quant, xp, xq, dx, xs = _prepare(fmt, x, exact)
     n_chunks = (rows + _TILE_ROWS - 1) // _TILE_ROWS
     for c in prange(n_chunks):
         r0 = c * _TILE_ROWS
         r1 = min(rows, r0 + _TILE_ROWS)
         part = np.empty((T, r1 - r0), dtype=np.float32)
-        _gemm_rows(fmt, w, scale, x, r0, r1, part, f16, fp8)
+        if stream:
+            _gemm_stream(fmt, w, scale, quant, xp, xq, dx, xs, 0, T, r0, r1, part, f16)
+        else:
+            _gemm_rows(fmt, w, scale, x, r0, r1, part, f16, fp8)
         for t in range(T):
             for i in range(r1 - r0):
                 y[t, r0 + i] = part[t, i]
@@ -186,7 +388,13 @@ def raw_bytes(data: torch.Tensor) -> np.ndarray:
     return arr
 
 
-def qmatmul(x: torch.Tensor, qtype: str, data: torch.Tensor, scale: torch.Tensor | None):
+def qmatmul(
+    x: torch.Tensor,
+    qtype: str,
+    data: torch.Tensor,
+    scale: torch.Tensor | None,
+    exact: bool = True,
+) -> torch.Tensor:
     """y = x @ W.T for a weight stored as ``qtype`` (one of ``KERNEL_FORMATS``).
 
     Args:
@@ -194,6 +402,8 @@ def qmatmul(x: torch.Tensor, qtype: str, data: torch.Tensor, scale: torch.Tensor
         qtype: the QTensor format tag.
         data: the stored weight, uint8 (rows, row_bytes) or float8_e4m3fn (rows, in).
         scale: FP8 block scales (row_blocks, col_blocks); None for GGML formats.
+        exact: float32 activations; False quantizes them to int8 per 32 for integer dot
+            products (GGML formats; FP8 stays float32).
     Returns:
         float32 (T, rows).
     """
@@ -201,14 +411,14 @@ def qmatmul(x: torch.Tensor, qtype: str, data: torch.Tensor, scale: torch.Tensor
     xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
     w = raw_bytes(data)
     y = np.empty((xs.shape[0], w.shape[0]), dtype=np.float32)
-    _qmatmul(fmt, w, _scale2d(scale), xs, y, F16_LUT, FP8_LUT)
+    _qmatmul(fmt, w, _scale2d(scale), xs, y, F16_LUT, FP8_LUT, bool(exact))
     return torch.from_numpy(y)
 
 
 # --- one MoE layer ---------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=True, fastmath=_FM, cache=True)
 def _moe_swiglu(
     fmt1: int,
     w1: np.ndarray,  # uint8 (E, inter, row_bytes1): gate
@@ -225,6 +435,7 @@ def _moe_swiglu(
     y: np.ndarray,  # float32 (N, hidden), zeroed
     f16: np.ndarray,
     fp8: np.ndarray,
+    exact: bool,
 ) -> None:
     N, K = topk_ids.shape
     E, inter = w1.shape[0], w1.shape[1]
@@ -255,6 +466,12 @@ def _moe_swiglu(
             active[n_active] = e
             n_active += 1
 
+    # activations as the streaming path wants them (per format)
+    stream1 = _stream_ok(fmt1, hidden) and _stream_ok(fmt3, hidden)
+    stream2 = _stream_ok(fmt2, inter)
+    q1, xp1, xq1, dx1, xs1 = _prepare(fmt1, xg, exact)
+    q3, xp3, xq3, dx3, xs3 = _prepare(fmt3, xg, exact)
+
     # gate and up, h = silu(x w1.T) * (x w3.T): work items are (active expert, row chunk)
     h = np.empty((N * K, inter), dtype=np.float32)  # (N * K, inter)
     n_ic = (inter + _TILE_ROWS - 1) // _TILE_ROWS
@@ -265,12 +482,18 @@ def _moe_swiglu(
         a, b = offsets[e], offsets[e + 1]
         g = np.empty((b - a, r1 - r0), dtype=np.float32)
         u = np.empty((b - a, r1 - r0), dtype=np.float32)
-        _gemm_rows(fmt1, w1[e], s1[e], xg[a:b], r0, r1, g, f16, fp8)
-        _gemm_rows(fmt3, w3[e], s3[e], xg[a:b], r0, r1, u, f16, fp8)
+        if stream1:
+            _gemm_stream(fmt1, w1[e], s1[e], q1, xp1, xq1, dx1, xs1, a, b - a, r0, r1, g, f16)
+            _gemm_stream(fmt3, w3[e], s3[e], q3, xp3, xq3, dx3, xs3, a, b - a, r0, r1, u, f16)
+        else:
+            _gemm_rows(fmt1, w1[e], s1[e], xg[a:b], r0, r1, g, f16, fp8)
+            _gemm_rows(fmt3, w3[e], s3[e], xg[a:b], r0, r1, u, f16, fp8)
         for i in range(b - a):
             for j in range(r1 - r0):
                 gv = g[i, j]
                 h[a + i, r0 + j] = gv / (np.float32(1.0) + np.exp(-gv)) * u[i, j]
+
+    q2, hp, hq, dh, hs = _prepare(fmt2, h, exact)
 
     # down, weighted and summed per token: work items are output row chunks, so each thread
     # owns its columns of y and adds the experts in id order
@@ -282,7 +505,10 @@ def _moe_swiglu(
             e = active[q]
             a, b = offsets[e], offsets[e + 1]
             part = np.empty((b - a, r1 - r0), dtype=np.float32)
-            _gemm_rows(fmt2, w2[e], s2[e], h[a:b], r0, r1, part, f16, fp8)
+            if stream2:
+                _gemm_stream(fmt2, w2[e], s2[e], q2, hp, hq, dh, hs, a, b - a, r0, r1, part, f16)
+            else:
+                _gemm_rows(fmt2, w2[e], s2[e], h[a:b], r0, r1, part, f16, fp8)
             for i in range(b - a):
                 n = token[a + i]
                 for j in range(r1 - r0):
@@ -296,6 +522,7 @@ def moe_swiglu(
     w1: tuple[int, np.ndarray, np.ndarray],
     w3: tuple[int, np.ndarray, np.ndarray],
     w2: tuple[int, np.ndarray, np.ndarray],
+    exact: bool = True,
 ) -> np.ndarray:
     """One layer's routed SwiGLU experts for all tokens in one call.
 
@@ -306,9 +533,10 @@ def moe_swiglu(
         topk_ids: int64 (N, K) expert ids; topk_weights: float32 (N, K).
         w1, w3, w2: (format code, uint8 (E, rows, row_bytes) stored bytes, float32
             (E, row_blocks, col_blocks) FP8 scales or a (E, 1, 1) placeholder) per projection.
+        exact: float32 activations; False quantizes them to int8 per 32 (see ``qmatmul``).
     Returns:
         float32 (N, hidden).
     """
     y = np.zeros(x.shape, dtype=np.float32)
-    _moe_swiglu(*w1, *w3, *w2, x, topk_ids, topk_weights, y, F16_LUT, FP8_LUT)
+    _moe_swiglu(*w1, *w3, *w2, x, topk_ids, topk_weights, y, F16_LUT, FP8_LUT, bool(exact))
     return y
