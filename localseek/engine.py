@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,10 @@ from localseek.model.kv_cache import KVCache
 from localseek.model.moe import ReferenceExperts
 from localseek.model.transformer import Transformer
 from localseek.offload import CPUExperts, expert_executor
+from localseek.offload.plan import ExpertUsage, Plan, format_size, make_plan, scratch_bytes
+from localseek.offload.stats import OffloadStats
+from localseek.offload.store import ExpertSource, expert_bytes
+from localseek.offload.tiered import TieredExperts
 from localseek.options import DEFAULT_CTX, RuntimeOptions, set_threads
 from localseek.quant import QTensor, Weight
 from localseek.sampling import Sampler, SamplingParams
@@ -42,7 +46,9 @@ def load(
         dtype: activation and dense-weight dtype; None means float32 on CPU, bfloat16 on CUDA.
         threads: CPU threads for torch and numba (None leaves the defaults).
         exact: float32 activations on exactly dequantised weights (the conformance mode).
-        **options: ctx (context length in tokens), progress (show a loading bar).
+        **options: ctx (context length in tokens), progress (show a loading bar); offload:
+            gpu_mem and ram (budgets, bytes or "24GiB"), stats (a `localseek profile` file),
+            policy ("lru", "lfu", "static"), prefetch (bool), readers (disk reader threads).
     Returns:
         A ready Model.
     """
@@ -50,9 +56,45 @@ def load(
     set_threads(opts.threads)
     checkpoint = open_checkpoint(path)
     try:
-        return Model(checkpoint, opts)
-    finally:
+        model = Model(checkpoint, opts)
+    except BaseException:
         checkpoint.close()
+        raise
+    if not model.holds_checkpoint:  # the disk tier may read experts through it
+        checkpoint.close()
+    return model
+
+
+def plan_placement(
+    ckpt: Checkpoint,
+    gpu_mem: int | None,
+    ram: int | None,
+    ctx: int,
+    dtype: torch.dtype = torch.float32,
+    stats: str | Path | None = None,
+) -> tuple[Plan, ExpertSource]:
+    """The placement of ``ckpt`` under the budgets (see ``offload.plan.make_plan``), and the
+    expert source it was sized from (the caller closes it).
+
+    Raises:
+        LocalseekError: a budget cannot hold what it must, in one sentence.
+    """
+    cfg = ckpt.config
+    fixed = {n: s for n, s in expected_shapes(cfg).items() if _EXPERT not in n}
+    source = ExpertSource(ckpt, cfg.moe_layers, dtype)
+    try:
+        sizes = {n: _kept_nbytes(ckpt, n, s, dtype) for n, s in fixed.items()}
+        for layer, spec in source.specs.items():  # an expert's bytes as its slots hold them
+            sizes[f"layers.{layer}.{_EXPERT}0.w1"] = expert_bytes(spec)
+        usage = ExpertUsage.load(stats, cfg) if stats else None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kv = KVCache.bytes_per_token(cfg, dtype) * ctx
+        scratch = scratch_bytes(cfg, ctx, itemsize)
+        plan = make_plan(cfg, sizes, gpu_mem, ram, ctx, kv, scratch, usage, str(ckpt.path))
+    except BaseException:
+        source.close()
+        raise
+    return plan, source
 
 
 def _kept_nbytes(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -70,6 +112,13 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # the tiered expert store's figures for this generation (all zero without offload)
+    offload: OffloadStats = field(default_factory=OffloadStats)
+
+    @property
+    def expert_cache_hit_rate(self) -> float | None:
+        """Share of expert uses the GPU expert cache served; None without offload."""
+        return self.offload.expert_cache_hit_rate
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -98,6 +147,11 @@ class Model:
                 f"({cfg.max_position_embeddings})."
             )
         self.tokenizer: Tokenizer | None = checkpoint.tokenizer()
+        self.plan: Plan | None = None
+        self.holds_checkpoint = False
+        if options.offload:
+            self._load_tiered(checkpoint)
+            return
         weights = self._load_weights(checkpoint)
         experts: dict[int, list[tuple[Weight, Weight, Weight]]] = {}
         for layer in cfg.moe_layers:
@@ -107,17 +161,75 @@ class Model:
                 for e in range(cfg.n_routed_experts)
             ]
         # quantized experts on the CPU run in the numba kernels; dense ones stay on the reference
-        self.experts = expert_executor(experts)
+        self.experts = expert_executor(experts, exact=options.exact)
         self.net = Transformer(cfg, weights, self.experts, self.ctx, options.device)
         self.net.eval()
 
-    def _load_weights(self, ckpt: Checkpoint) -> dict[str, Weight]:
+    def _load_tiered(self, ckpt: Checkpoint) -> None:
+        """Fixed weights on the GPU tier, routed experts in the tiered store, per the plan."""
+        cfg, opts = self.config, self.options
+        shapes = expected_shapes(cfg)
+        fixed = {n: s for n, s in shapes.items() if _EXPERT not in n}
+        plan, source = plan_placement(
+            ckpt, opts.gpu_mem, opts.ram, self.ctx, opts.dtype, opts.stats
+        )
+        try:
+            host = plan.ram_bytes
+            if opts.device.type == "cpu":
+                host += plan.fixed_bytes + plan.gpu_cache_bytes
+            available = psutil.virtual_memory().available
+            if host > available:
+                raise LocalseekError(
+                    f"{ckpt.path}: the plan needs {format_size(host)} of RAM "
+                    f"but only {format_size(available)} is available."
+                )
+            self.plan = plan
+            weights = self._load_weights(ckpt, fixed, check=False)
+            self.holds_checkpoint = source.needs_checkpoint
+            with _progress(
+                opts.progress, plan.gpu_cache_bytes + plan.ram_bytes, "loading experts"
+            ) as advance:
+                self.experts = TieredExperts(
+                    cfg,
+                    plan,
+                    source,
+                    opts.device,
+                    opts.policy,
+                    opts.prefetch,
+                    opts.readers,
+                    advance,
+                    exact=opts.exact,
+                )
+        except BaseException:
+            source.close()
+            raise
+        self.net = Transformer(cfg, weights, self.experts, self.ctx, opts.device)
+        self.net.eval()
+        routers = {}
+        for layer in cfg.moe_layers:
+            moe = self.net.layers[layer].ffn
+            routers[layer] = (moe.gate, moe.bias)
+        self.experts.attach_routers(routers)
+
+    @property
+    def offload_stats(self) -> OffloadStats | None:
+        """The tiered store's counters since load (None without offload)."""
+        return self.experts.stats if isinstance(self.experts, TieredExperts) else None
+
+    def close(self) -> None:
+        """Stop the disk readers and close the files the expert store reads."""
+        if isinstance(self.experts, TieredExperts):
+            self.experts.close()
+
+    def _load_weights(
+        self, ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]] | None = None, check: bool = True
+    ) -> dict[str, Weight]:
         opts = self.options
-        shapes = expected_shapes(self.config)
+        shapes = expected_shapes(self.config) if shapes is None else shapes
         need = sum(_kept_nbytes(ckpt, n, s, opts.dtype) for n, s in shapes.items())
         need += KVCache.bytes_per_token(self.config, opts.dtype) * self.ctx
         available = psutil.virtual_memory().available
-        if opts.device.type == "cpu" and need > available:
+        if check and opts.device.type == "cpu" and need > available:
             raise LocalseekError(
                 f"{ckpt.path}: the model needs {need / 2**30:.2f} GiB of RAM "
                 f"but only {available / 2**30:.2f} GiB is available."
@@ -208,6 +320,8 @@ class Model:
         """Bytes of weights held (dense plus quantized)."""
         seen: set[int] = set()
         total = 0
+        if isinstance(self.experts, TieredExperts):
+            total += self.experts.ram_nbytes() + self.experts.gpu_cache_nbytes()
         for w in _all_weights(self.net, self.experts):
             key = id(w)
             if key not in seen:
@@ -216,11 +330,15 @@ class Model:
         return total
 
 
-def _all_weights(net: Transformer, experts: ReferenceExperts | CPUExperts) -> Iterator[Weight]:
+def _all_weights(
+    net: Transformer, experts: ReferenceExperts | CPUExperts | TieredExperts
+) -> Iterator[Weight]:
     for module in net.modules():
         for v in vars(module).values():
             if isinstance(v, (torch.Tensor, QTensor)):
                 yield v
+    if isinstance(experts, TieredExperts):
+        return
     for layer in experts.weights.values():
         for triple in layer:
             yield from triple
@@ -241,6 +359,7 @@ class Generation(Iterator[int]):
         self._pos = 0
         self._done = max_new_tokens == 0
         self.stop_reason = "length" if self._done else ""
+        self._offload0 = None if model.offload_stats is None else model.offload_stats.snapshot()
 
     def __iter__(self) -> Generation:
         return self
@@ -260,6 +379,8 @@ class Generation(Iterator[int]):
             self._pos += 1
         token = self.sampler(logits[0, -1])
         elapsed = time.perf_counter() - t0
+        if self._offload0 is not None:
+            self.stats.offload = m.offload_stats - self._offload0
         if self.tokens:
             self.stats.decode_seconds += elapsed
         else:

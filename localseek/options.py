@@ -13,6 +13,13 @@ from localseek.errors import LocalseekError
 KNOWN_OPTIONS: dict[str, Any] = {
     "ctx": None,  # context length in tokens; default min(max_position_embeddings, 4096)
     "progress": False,  # show a rich progress bar while loading
+    # offload (any of gpu_mem / ram set turns on the tiered expert store)
+    "gpu_mem": None,  # bytes (or "24GiB") of the GPU tier: weights, KV cache, scratch, expert cache
+    "ram": None,  # bytes (or "200GiB") of routed-expert weights held in RAM; the rest on disk
+    "stats": None,  # expert usage statistics file from `localseek profile` (hottest placed first)
+    "policy": "lru",  # GPU expert-cache policy: lru, lfu (with decay) or static (hot set)
+    "prefetch": True,  # predict the next layer's experts and read them ahead
+    "readers": 4,  # disk reader threads
 }
 DEFAULT_CTX = 4096
 
@@ -25,6 +32,17 @@ class RuntimeOptions:
     exact: bool
     ctx: int | None
     progress: bool
+    gpu_mem: int | None = None
+    ram: int | None = None
+    stats: str | None = None
+    policy: str = "lru"
+    prefetch: bool = True
+    readers: int = 4
+
+    @property
+    def offload(self) -> bool:
+        """Whether routed experts go to the tiered store (a GPU or RAM budget was given)."""
+        return self.gpu_mem is not None or self.ram is not None
 
     @classmethod
     def resolve(
@@ -61,7 +79,33 @@ class RuntimeOptions:
         ctx = merged["ctx"]
         if ctx is not None and (not isinstance(ctx, int) or ctx < 1):
             raise LocalseekError(f"ctx must be a positive number of tokens, got {ctx!r}.")
-        return cls(dev, dt, threads, bool(exact), ctx, bool(merged["progress"]))
+        from localseek.offload.cache import POLICIES
+        from localseek.offload.plan import parse_size
+
+        sizes = {
+            k: None if merged[k] is None else parse_size(merged[k], k) for k in ("gpu_mem", "ram")
+        }
+        if merged["policy"] not in POLICIES:
+            raise LocalseekError(
+                f"policy {merged['policy']!r} is not a cache policy ({', '.join(POLICIES)})."
+            )
+        readers = merged["readers"]
+        if not isinstance(readers, int) or readers < 1:
+            raise LocalseekError(f"readers must be a positive integer, got {readers!r}.")
+        return cls(
+            dev,
+            dt,
+            threads,
+            bool(exact),
+            ctx,
+            bool(merged["progress"]),
+            sizes["gpu_mem"],
+            sizes["ram"],
+            None if merged["stats"] is None else str(merged["stats"]),
+            merged["policy"],
+            bool(merged["prefetch"]),
+            readers,
+        )
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -288,6 +288,14 @@ class GGUFCheckpoint(Checkpoint):
             return int(t.n_bytes) + int(self._tensors[gguf_name.replace("_k_b", "_v_b")][1].n_bytes)
         return int(t.n_bytes)
 
+    def expert_file_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, offset, nbytes) of one routed expert's projection inside its stack (expert
+        ``e`` of the stack starts at ``offset + e * nbytes``); None for other tensors."""
+        if canonical_expert(name) is None:
+            return None
+        shard, t = self._tensors[self._where[name]]
+        return shard, int(t.data_offset), int(t.n_bytes) // self.config.n_routed_experts
+
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> Weight:
         gguf_name = self._where[name]
         if gguf_name.endswith("attn_k_b.weight"):

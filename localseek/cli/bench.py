@@ -81,6 +81,8 @@ def main(args: argparse.Namespace) -> int:
             e.close()
     per_token = info["bytes_per_token"]["total"]
     out.print(_table(results, model.path.name, threads, per_token, args.vs))
+    if model.offload_stats is not None:
+        err.print(f"[dim]offload, all runs: {model.offload_stats.summary()}[/dim]", soft_wrap=True)
     if args.json:
         command = shlex.join(["localseek", *sys.argv[1:]])
         rows = rows_for_json(results, str(model.path), threads, per_token, command)

@@ -6,6 +6,7 @@ import argparse
 
 from localseek.demo import default_model
 from localseek.engine import Model, load
+from localseek.errors import LocalseekError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +26,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--exact", action="store_true", help="float32 activations on exactly dequantised weights"
     )
+    add_budget_args(p)
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """The offload flags: budgets per tier, usage statistics, cache policy, prefetch."""
+    p.add_argument(
+        "--gpu-mem",
+        default=None,
+        help="bytes of the GPU tier: weights, KV cache, scratch and the expert cache "
+        "(e.g. 24GiB); the rest of the experts go to RAM and disk",
+    )
+    p.add_argument(
+        "--ram", default=None, help="bytes of routed-expert weights held in RAM (e.g. 200GiB)"
+    )
+    p.add_argument(
+        "--stats", default=None, help="expert usage file from `localseek profile`: hottest first"
+    )
+    p.add_argument(
+        "--policy", default="lru", choices=["lru", "lfu", "static"], help="GPU expert cache policy"
+    )
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="do not predict and read ahead the next layer's experts",
+    )
 
 
 def load_from_args(args: argparse.Namespace, console) -> Model:
@@ -37,4 +63,20 @@ def load_from_args(args: argparse.Namespace, console) -> Model:
         exact=args.exact,
         ctx=args.ctx,
         progress=console.is_terminal,
+        **budget_options(args),
     )
+
+
+def budget_options(args: argparse.Namespace) -> dict:
+    """The offload options of ``load()`` from the flags (none when no budget is given)."""
+    if args.gpu_mem is None and args.ram is None:
+        if args.stats is not None:
+            raise LocalseekError("--stats places experts under a budget: add --gpu-mem or --ram.")
+        return {}
+    return {
+        "gpu_mem": args.gpu_mem,
+        "ram": args.ram,
+        "stats": args.stats,
+        "policy": args.policy,
+        "prefetch": not args.no_prefetch,
+    }

@@ -59,4 +59,6 @@ def main(args: argparse.Namespace) -> int:
         f"(stopped: {gen.stop_reason})[/dim]",
         soft_wrap=True,
     )
+    if model.offload_stats is not None:
+        err.print(f"[dim]{s.offload.summary()}[/dim]", soft_wrap=True)
     return 0

@@ -1,0 +1,262 @@
+"""The tiered expert store on tiny models whose budgets force all three tiers (a GPU cache of a
+few experts, RAM for part of the rest, the remainder on disk): greedy output equal to the
+unbudgeted run, RAM within budget, experts in use never evicted, late prefetches only stall."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import gguf_util as gu
+import numpy as np
+import pytest
+
+import localseek
+from localseek.checkpoint import open_checkpoint
+from localseek.demo import _TINY_CONFIG, build_tiny_model, random_state
+from localseek.errors import LocalseekError
+from localseek.gguf_writer import write_gguf
+from localseek.offload.cache import make_policy
+from localseek.offload.store import ExpertSource, SlotPool
+
+PROMPT = list(range(2, 14))
+N_NEW = 12
+LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("offload")
+    hf = build_tiny_model(d / "hf", seed=3)
+    with open_checkpoint(hf) as ck:
+        q8 = write_gguf(ck, d / "q8.gguf", "q8_0")[0]
+    # rows of 256 so llama.cpp picks Q4_K (and Q6_K for some ffn_down) rather than fallbacks
+    cfg = {**_TINY_CONFIG, "hidden_size": 256, "moe_intermediate_size": 256, "vocab_size": 320}
+    wide = d / "wide"
+    wide.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(random_state(cfg, seed=4), str(wide / "model.safetensors"))
+    (wide / "config.json").write_text(json.dumps(cfg))
+    gu.write_tokenizer(wide)
+    with open_checkpoint(wide) as ck:
+        f32 = write_gguf(ck, d / "wide-f32.gguf", "f32")[0]
+    q4km = d / "wide-q4_k_m.gguf"
+    gu.llama_quantize(f32, q4km, LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    return {"q8_0": q8, "hf": hf, "q4_k_m": q4km}
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(path):
+    """Greedy tokens of the unbudgeted model (computed once per file)."""
+    if path not in _REFERENCE:
+        m = localseek.load(path, exact=True, ctx=64)
+        _REFERENCE[path] = list(m.generate(PROMPT, N_NEW))
+    return _REFERENCE[path]
+
+
+def _budgets(path, gpu_experts: int, ram_experts: int, exact: bool = True, **kw):
+    """A model of ``path`` with a GPU cache of ``gpu_experts`` and RAM of ``ram_experts``."""
+    probe = localseek.load(path, exact=True, ctx=64, gpu_mem="4GiB", ram="4GiB")
+    fixed, eb = probe.plan.fixed_bytes, max(lp.expert_bytes for lp in probe.plan.layers)
+    probe.close()
+    gpu_mem, ram = fixed + gpu_experts * eb, ram_experts * eb
+    model = localseek.load(path, exact=exact, ctx=64, gpu_mem=gpu_mem, ram=ram, **kw)
+    return model, ram
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "hf", "q4_k_m"])
+def test_three_tiers_give_the_unbudgeted_greedy_output(files, kind) -> None:
+    want = _reference(files[kind])
+    model, ram = _budgets(files[kind], gpu_experts=4, ram_experts=10)
+    counts = model.plan.tier_counts()
+    assert counts["gpu"] > 0 and counts["ram"] > 0 and counts["disk"] > 0, counts
+    gen = model.generate(PROMPT, N_NEW)
+    assert list(gen) == want
+    s = gen.stats.offload
+    assert s.gpu_hits > 0 and s.ram_hits > 0 and s.disk_loads > 0
+    assert s.tokens == len(PROMPT) + len(want) - 1  # the prefill, then one token per step
+    assert 0 < gen.stats.expert_cache_hit_rate < 1
+    assert s.disk_bytes_per_token > 0
+    # RAM held by expert weights: the store's slot buffers, within the budget
+    held = model.experts.ram_nbytes()
+    buffers = sum(
+        t.numel() * t.element_size() for p in model.experts.ram.values() for t in p.data + p.scales
+    )
+    assert held == buffers <= ram
+    model.close()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_logits_match_the_unbudgeted_model(files, exact) -> None:
+    # exact=False: the kernel's fast mode (int8 activations) on both sides
+    ref = localseek.load(files["q8_0"], exact=exact, ctx=64).logits(PROMPT)
+    model, _ = _budgets(files["q8_0"], gpu_experts=2, ram_experts=8, exact=exact)
+    got = model.logits(PROMPT)  # a prefill needs more experts per layer than RAM holds: rounds
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    model.close()
+
+
+@pytest.mark.parametrize("policy", ["lfu", "static"])
+def test_policies_keep_the_output(files, policy) -> None:
+    want = _reference(files["q8_0"])
+    model, _ = _budgets(files["q8_0"], gpu_experts=6, ram_experts=10, policy=policy)
+    start = {layer: set(p.slot_of) for layer, p in model.experts.gpu.items()}
+    gen = model.generate(PROMPT, N_NEW)
+    assert list(gen) == want
+    now = {layer: set(p.slot_of) for layer, p in model.experts.gpu.items()}
+    if policy == "static":  # the hot set stays; nothing is promoted
+        assert now == start and gen.stats.offload.promotions == 0
+    else:
+        assert gen.stats.offload.promotions > 0
+    model.close()
+
+
+def test_an_expert_in_use_is_never_evicted(files) -> None:
+    # the smallest RAM that works: every token's experts just fit, so a prefill goes in rounds
+    # and each round evicts the previous one's experts while prefetches compete for slots
+    want = _reference(files["q8_0"])
+    k = _TINY_CONFIG["num_experts_per_tok"]
+    n_moe = len(range(_TINY_CONFIG["first_k_dense_replace"], _TINY_CONFIG["num_hidden_layers"]))
+    model, _ = _budgets(files["q8_0"], gpu_experts=0, ram_experts=k * n_moe)
+    pools = model.experts.ram.values()
+    assert all(p.slots == k for p in pools)
+    in_use: list[tuple[int, int]] = []
+    original = SlotPool.evict
+
+    def watched(self, slot):
+        if self.pins[slot]:
+            in_use.append((slot, int(self.expert[slot])))
+        original(self, slot)
+
+    SlotPool.evict = watched
+    try:
+        assert list(model.generate(PROMPT, N_NEW)) == want
+    finally:
+        SlotPool.evict = original
+    assert in_use == []
+    assert sum(p.evictions for p in pools) > 0
+    model.close()
+
+
+def test_pinned_slots_are_not_given_up() -> None:
+    pool = SlotPool.__new__(SlotPool)  # bookkeeping only, no buffers
+    pool.slots, pool.policy, pool.predicted, pool.evictions = 2, make_policy("lru", 2), set(), 0
+    pool.expert = np.array([5, 7])
+    pool.slot_of = {5: 0, 7: 1}
+    pool.loading, pool.pins = {}, np.array([1, 1])
+    assert pool.take_slot() is None
+    with pytest.raises(AssertionError):
+        pool.evict(0)
+    pool.pins[1] = 0
+    assert pool.take_slot() == 1 and pool.slot_of == {5: 0}
+
+
+def test_a_late_prefetch_is_only_a_stall(files, monkeypatch) -> None:
+    want = _reference(files["q8_0"])
+    slow = ExpertSource.read
+
+    def read(self, *a):
+        time.sleep(0.02)
+        return slow(self, *a)
+
+    monkeypatch.setattr(ExpertSource, "read", read)
+    model, _ = _budgets(files["q8_0"], gpu_experts=2, ram_experts=10)
+    gen = model.generate(PROMPT, N_NEW)
+    assert list(gen) == want
+    s = gen.stats.offload
+    assert s.prefetch_loads > 0 and s.stall_seconds > 0
+    assert s.recall() is not None and 0 < s.recall() <= 1 and 0 < s.precision() <= 1
+    model.close()
+
+
+def test_prefetch_off_keeps_the_output_and_predicts_nothing(files) -> None:
+    want = _reference(files["q8_0"])
+    model, _ = _budgets(files["q8_0"], gpu_experts=2, ram_experts=10, prefetch=False)
+    gen = model.generate(PROMPT, N_NEW)
+    assert list(gen) == want
+    assert gen.stats.offload.prefetch_loads == 0 and gen.stats.offload.recall() is None
+    model.close()
+
+
+def test_a_budget_that_cannot_hold_the_fixed_part_is_refused_before_loading(files) -> None:
+    with pytest.raises(LocalseekError, match=r"cannot hold the fixed part .* short\.$"):
+        localseek.load(files["q8_0"], ctx=64, gpu_mem="100KiB", ram="1GiB")
+
+
+def _cli(capsys, *args):
+    """Run the CLI in this process: (exit code, stdout, stderr)."""
+    from localseek.cli.main import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_plan_generate_and_profile(files, tmp_path, capsys) -> None:
+    path = files["q8_0"]
+    budget = ["--gpu-mem", "760KiB", "--ram", "60KiB", "--ctx", "64"]
+    rc, _, err = _cli(capsys, "generate", "--model", path, "-p", "hi", "--gpu-mem", "1KiB")
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "short" in err
+    rc, out, _ = _cli(capsys, "plan", "--model", path, *budget, "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["experts"]["gpu"] > 0 and d["experts"]["disk"] > 0 and d["ram_bytes"] <= 60 * 1024
+    rc, out, _ = _cli(capsys, "plan", "--model", path, *budget)
+    assert rc == 0 and "fixed part" in out and "GPU cache" in out
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The old sailor said\nIn the morning the children\n")
+    stats = tmp_path / "stats.json"
+    rc, _, err = _cli(
+        capsys, "profile", "--model", path, "--prompts", prompts, "--out", stats, "-n", "4"
+    )
+    assert rc == 0, err
+    usage = json.loads(stats.read_text())
+    assert usage["tokens"] > 0 and set(usage["layers"]) == {"1", "2"}
+    rc, out, _ = _cli(capsys, "plan", "--model", path, *budget, "--stats", stats, "--json")
+    layer = json.loads(out)["layers"][0]
+    counts = usage["layers"][str(layer["layer"])]
+    assert min(counts[e] for e in layer["gpu"]) >= max(counts[e] for e in layer["disk"])
+    rc, out, err = _cli(
+        capsys,
+        "generate",
+        "--model",
+        path,
+        "-p",
+        "The old sailor",
+        "-n",
+        "6",
+        *budget,
+        "--stats",
+        stats,
+    )
+    assert rc == 0, err
+    assert "GPU expert cache hits" in err and "MiB/token" in err
+
+
+def test_a_bad_budget_from_the_command_line_is_one_sentence(files) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "localseek", "plan", "--model", str(files["q8_0"]), "--ram", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "localseek: error: --ram 'lots' is not a size (write e.g. 24GiB, 512MiB, 1.5GB or plain "
+        "bytes)."
+    ]
+
+
+def test_offload_stats_survive_subtraction() -> None:
+    from localseek.offload.stats import OffloadStats
+
+    a = OffloadStats(tokens=3, lookups=10, gpu_hits=4, ram_hits=3, predictor={2: [3, 4, 6]})
+    b = a + a
+    assert (b - a).to_dict() == a.to_dict()
+    assert a.expert_cache_hit_rate == 0.4 and a.ram_hit_rate == 0.5 and a.recall(2) == 0.75
