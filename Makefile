@@ -27,7 +27,7 @@ setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 
 run: setup
-	$(VENV)/bin/localseek generate --prompt "The old sailor said" -n 48
+	$(VENV)/bin/localseek generate --prompt "You will" -n 48
 
 test: setup-test
 	$(PY) -m pytest -q

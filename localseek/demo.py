@@ -1,22 +1,23 @@
-"""The default model of the commands.
+"""The default model of the commands, and tiny models for the tests.
 
-The trained demo model ships inside the package once it exists (localseek/data/demo). Until
-then a tiny random DeepSeek-V3-architecture model is built on first use in the user's cache
-folder; it exercises every code path but produces no meaningful text, and the CLI says so.
+The default is the demo model that ships inside the package (localseek/data/demo): a small
+DeepSeek-V3-architecture MoE trained on the CPU by tools/train_demo.py on Debian's fortune
+cookies. ``build_tiny_model`` writes a tiny random V3 model (every code path, no meaningful
+text) and ``write_bpe_tokenizer`` trains a DeepSeek-style byte-level BPE; the tests use both.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from localseek.errors import LocalseekError
+
 BUNDLED = Path(__file__).parent / "data" / "demo"
-TINY_NAME = "tiny-random-v3"
 
 _TINY_CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"],
@@ -61,24 +62,14 @@ def main(): return sum(x * x for x in range(10))
 """
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "localseek"
-
-
 def default_model(console=None) -> Path:
-    """The bundled demo model, or (until one ships) a tiny random model built on first use."""
-    if (BUNDLED / "config.json").is_file():
-        return BUNDLED
-    path = cache_dir() / TINY_NAME
-    if console is not None:
-        console.print(
-            f"[yellow]No bundled demo model yet: using a tiny random "
-            f"DeepSeek-V3-architecture model ({path}); its text is noise.[/yellow]"
+    """The bundled demo model's folder (``console`` is accepted for the commands' sake)."""
+    if not (BUNDLED / "config.json").is_file():
+        raise LocalseekError(
+            f"the bundled demo model is missing from {BUNDLED} (a broken install?): pass "
+            "--model PATH, or rebuild it with tools/train_demo.py."
         )
-    if not (path / "config.json").is_file():
-        build_tiny_model(path)
-    return path
+    return BUNDLED
 
 
 def build_tiny_model(path: Path, seed: int = 0) -> Path:

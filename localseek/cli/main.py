@@ -8,7 +8,7 @@ import logging
 import sys
 
 from localseek import __version__
-from localseek.cli import bench, chat, generate, inspect, plan, profile, quantize
+from localseek.cli import bench, chat, generate, inspect, perplexity, plan, profile, quantize
 from localseek.errors import LocalseekError
 
 COMMANDS = {
@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": generate,
     "bench": bench,
     "inspect": inspect,
+    "perplexity": perplexity,
     "quantize": quantize,
     "plan": plan,
     "profile": profile,
