@@ -114,13 +114,15 @@ class MLA(nn.Module):
         T, S = q_nope.shape[1], c_all.shape[1]
         w = self.kv_b_heads(q_nope.dtype)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_all)
-        scores = scores + torch.einsum("bthr,bsr->bhts", q_pe, pe_all)
+        # batched matmuls rather than einsum: at one token, einsum's dispatch was ~5% of decode
+        q_lat = q_nope.transpose(1, 2) @ w_uk  # (B, H, T, C)
+        c_t = c_all[:, None]  # (B, 1, S, C)
+        scores = q_lat @ c_t.transpose(-1, -2)  # (B, H, T, S)
+        scores = scores + q_pe.transpose(1, 2) @ pe_all[:, None].transpose(-1, -2)
         scores = scores.float() * self.softmax_scale
         if T > 1:
             mask = self._causal_mask(T, S, start, scores.device)
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(c_all.dtype)
-        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_all)  # (B, T, H, C)
-        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, v)
+        o_lat = probs @ c_t  # (B, H, T, C)
+        return (o_lat @ w_uv.transpose(-1, -2)).transpose(1, 2)  # (B, T, H, v)
