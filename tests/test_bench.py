@@ -67,6 +67,18 @@ def test_bench_json_rows(tiny, tmp_path):
     assert not [p for p in out.parent.iterdir() if p != out]  # no temporary file left over
 
 
+def test_bench_json_carries_the_offload_figures(tiny, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ("--model", str(tiny), "-p", "8", "-n", "2", "-r", "1", "-t", "1", "--json", str(out))
+    proc = bench(*args, "--ram", "400KiB")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    check_rows(rows, {"localseek"}, {"pp8", "tg2"}, 1)
+    offload = rows[0]["offload"]
+    assert offload["lookups"] > 0 and offload["disk_bytes"] > 0
+    assert 0 <= offload["ram_hit_rate"] <= 1
+
+
 def test_bench_zero_skips_a_test(tiny, tmp_path):
     out = tmp_path / "bench.json"
     proc = bench(

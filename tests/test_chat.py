@@ -3,6 +3,7 @@ the streaming <think> splitter."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -94,10 +95,10 @@ def test_ctrl_c_stops_the_answer_not_the_session(tiny):
     assert child.exitstatus == 0
 
 
-def run_piped(tiny, text: str) -> subprocess.CompletedProcess:
+def run_piped(tiny, text: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "localseek", "chat", "--model", str(tiny), "-n", "6"]
-        + ["--temperature", "0"],
+        + ["--temperature", "0", *extra],
         input=text,
         capture_output=True,
         text=True,
@@ -114,6 +115,18 @@ def test_piped_stdin_answers_each_line(tiny):
     assert two.stdout.startswith(one.stdout) and len(two.stdout) > len(one.stdout)
     assert "tok/s" not in two.stdout and ">>>" not in two.stdout  # no interactive frills
     assert "Traceback" not in two.stderr
+
+
+def test_stats_show_the_expert_tiers_under_a_ram_budget(tiny):
+    # 400 KiB holds 8 of each MoE layer's 16 experts (24 KiB each): the rest come from disk
+    plain = run_piped(tiny, "hello\n")
+    tiered = run_piped(tiny, "hello\n/stats\n", "--ram", "400KiB")
+    assert tiered.returncode == 0, tiered.stderr
+    assert tiered.stdout.startswith(plain.stdout)  # same greedy answer from the tiers
+    disk = re.search(r"disk MiB/token\s+([\d.]+)\s+([\d.]+)", tiered.stdout)
+    assert disk and float(disk.group(2)) > 0
+    assert re.search(r"RAM hits\s+\d+%", tiered.stdout)
+    assert "GPU expert-cache hits" not in plain.stdout
 
 
 def test_bad_model_paths(tmp_path):

@@ -86,6 +86,10 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         command = shlex.join(["localseek", *sys.argv[1:]])
         rows = rows_for_json(results, str(model.path), threads, per_token, command)
+        if model.offload_stats is not None:  # the store's figures over all localseek runs
+            for row in rows:
+                if row["engine"] == "localseek":
+                    row["offload"] = model.offload_stats.to_dict()
         _write_atomically(Path(args.json), json.dumps(rows, indent=2) + "\n")
         err.print(f"[dim]wrote {len(rows)} rows to {args.json}[/dim]")
     return 0

@@ -17,6 +17,7 @@ from localseek.cli.common import add_model_args, load_from_args
 from localseek.cli.ui import ChatUI, SpeedLine, gib
 from localseek.engine import GenerationStats, Model
 from localseek.errors import LocalseekError
+from localseek.offload.stats import OffloadStats
 from localseek.tokenizer import StreamDecoder
 
 HELP = "chat with a model in the terminal"
@@ -81,7 +82,33 @@ class SessionStats:
                 f"{last.decode_tokens_per_second:.1f}",
                 f"{_session_decode_rate(total, self.answers):.1f}",
             ),
+            *_offload_rows(last.offload, total.offload),
         ]
+
+
+def _offload_rows(last: OffloadStats, total: OffloadStats) -> list[tuple[str, str, str]]:
+    """The tiered expert store's figures; none when the model runs without offload."""
+    if not total.lookups:
+        return []
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    return [
+        (
+            "GPU expert-cache hits",
+            pct(last.expert_cache_hit_rate),
+            pct(total.expert_cache_hit_rate),
+        ),
+        ("RAM hits", pct(last.ram_hit_rate), pct(total.ram_hit_rate)),
+        (
+            "disk MiB/token",
+            f"{last.disk_bytes_per_token / 2**20:.2f}",
+            f"{total.disk_bytes_per_token / 2**20:.2f}",
+        ),
+        ("stalled seconds", f"{last.stall_seconds:.2f}", f"{total.stall_seconds:.2f}"),
+        ("predictor recall", pct(last.recall()), pct(total.recall())),
+    ]
 
 
 def _session_decode_rate(total: GenerationStats, answers: int) -> float:
@@ -116,12 +143,11 @@ class Chat:
         """Read turns until /exit or the end of input; returns the exit code."""
         ram, gpu = memory_in_use(self.model)
         memory = f"RAM {gib(ram)}" + (f", GPU {gib(gpu)}" if gpu is not None else "")
-        self.ui.header(
-            self.model.path.name,
-            self.model.config.model_type,
-            str(self.model.options.device),
-            memory,
-        )
+        device = str(self.model.options.device)
+        if self.model.plan is not None:  # where the routed experts live
+            tiers = self.model.plan.tier_counts()
+            device += f" · experts: GPU {tiers['gpu']}, RAM {tiers['ram']}, disk {tiers['disk']}"
+        self.ui.header(self.model.path.name, self.model.config.model_type, device, memory)
         while (line := self.ui.read_turn()) is not None:
             if not line:
                 continue
