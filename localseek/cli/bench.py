@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from localseek.bench import (
 )
 from localseek.checkpoint import open_checkpoint
 from localseek.checkpoint.gguf import GGUFCheckpoint
-from localseek.cli.common import add_model_args, load_from_args
+from localseek.cli.common import add_model_args, load_from_args, write_atomically
 from localseek.demo import default_model
 from localseek.errors import LocalseekError
 from localseek.inspect import summarize
@@ -90,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
             for row in rows:
                 if row["engine"] == "localseek":
                     row["offload"] = model.offload_stats.to_dict()
-        _write_atomically(Path(args.json), json.dumps(rows, indent=2) + "\n")
+        write_atomically(Path(args.json), json.dumps(rows, indent=2) + "\n")
         err.print(f"[dim]wrote {len(rows)} rows to {args.json}[/dim]")
     return 0
 
@@ -160,16 +158,3 @@ def _table(
         "(tg only: a prefill reads the weights once per batch)"
     )
     return table
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Never leave a half-written file in place of a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

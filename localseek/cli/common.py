@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 
 from localseek.demo import default_model
 from localseek.engine import Model, load
@@ -80,3 +83,20 @@ def budget_options(args: argparse.Namespace) -> dict:
         "policy": args.policy,
         "prefetch": not args.no_prefetch,
     }
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a text file (a report) so that a half-written one never takes the place of a good
+    one: a temporary file beside it, renamed when complete, with the usual permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

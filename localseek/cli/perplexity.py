@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from localseek.cli.common import add_model_args, load_from_args
+from localseek.cli.common import add_model_args, load_from_args, write_atomically
 from localseek.errors import LocalseekError
 from localseek.perplexity import perplexity
 
@@ -65,19 +63,6 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.json:
         row = {"model": str(model.path), "file": str(path), **result.to_dict()}
-        _write_atomically(Path(args.json), json.dumps(row, indent=2) + "\n")
+        write_atomically(Path(args.json), json.dumps(row, indent=2) + "\n")
         err.print(f"[dim]wrote {args.json}[/dim]")
     return 0
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Never leave a half-written file in place of a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
