@@ -42,15 +42,19 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(w["kv_norm"], cfg.rms_norm_eps)
         self.wkv_b = w["wkv_b"]
         self.wo = w["wo"]
-        self._wkv_b_heads: torch.Tensor | None = None
+        self._absorb: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def kv_b_heads(self, dtype: torch.dtype) -> torch.Tensor:
-        """wkv_b as (H, nope + v, kv_lora_rank): W_UK then W_UV for each head."""
-        if self._wkv_b_heads is None or self._wkv_b_heads.dtype != dtype:
-            self._wkv_b_heads = dense(self.wkv_b, dtype).view(
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, nope, C) and W_UV transposed (H, C, v), dense and contiguous, made once:
+        slices of the stacked wkv_b made matmul copy them on every decode step."""
+        if self._absorb is None or self._absorb[0].dtype != dtype:
+            w = dense(self.wkv_b, dtype).view(  # (H, nope + v, C)
                 self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank
             )
-        return self._wkv_b_heads
+            w_uk = w[:, : self.nope_dim].contiguous()
+            w_uv_t = w[:, self.nope_dim :].transpose(1, 2).contiguous()
+            self._absorb = (w_uk, w_uv_t)
+        return self._absorb
 
     def forward(
         self,
@@ -112,8 +116,7 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, c_all, pe_all, start):
         T, S = q_nope.shape[1], c_all.shape[1]
-        w = self.kv_b_heads(q_nope.dtype)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
         # batched matmuls rather than einsum: at one token, einsum's dispatch was ~5% of decode
         q_lat = q_nope.transpose(1, 2) @ w_uk  # (B, H, T, C)
         c_t = c_all[:, None]  # (B, 1, S, C)
@@ -125,4 +128,4 @@ class MLA(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(c_all.dtype)
         o_lat = probs @ c_t  # (B, H, T, C)
-        return (o_lat @ w_uv.transpose(-1, -2)).transpose(1, 2)  # (B, T, H, v)
+        return (o_lat @ w_uv_t).transpose(1, 2)  # (B, T, H, v)
