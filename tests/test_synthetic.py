@@ -51,3 +51,16 @@ def test_plan_matches_the_shapes_localseek_expects():
         if name == "blk.1.attn_k_b.weight"
     ]
     assert np.array_equal(data[0], again[0])  # deterministic for a seed
+
+
+def test_fp8_pairs_dequantize_to_fan_in_scale():
+    import torch
+
+    from localseek.quant import QTensor
+    from localseek.quant.fp8 import FP8_QTYPE
+
+    codes, scale = ms._fp8_pair(torch.Generator().manual_seed(0), 300, 1408)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (3, 11)
+    w = QTensor(FP8_QTYPE, (300, 1408), codes, scale).dequantize()
+    assert torch.isfinite(w).all()
+    assert float(w.std()) == pytest.approx(1 / 1408**0.5, rel=0.1)

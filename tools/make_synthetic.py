@@ -2,11 +2,15 @@
 
     python tools/make_synthetic.py --arch v2-lite --layers 4 --out models/v2lite-4l-q4km.gguf
     python tools/make_synthetic.py --arch v3 --layers 5 --out models/v3-5l-q4km.gguf
+    python tools/make_synthetic.py --arch v2-lite --layers 4 --format fp8 --out models/v2lite-4l-fp8
 
 The GGUF recipe is Q4_K_M-like: routed experts Q4_K (Q4_0, the same 4.5 bits per weight, where
 a row is not a multiple of Q4_K's 256: V2-Lite's down projection has 1408; llama.cpp falls back
 to Q5_0 there, which the CPU kernels do not run yet), every other matrix (attention, shared
-experts, dense MLPs, embeddings, lm_head) Q8_0, norms and routers F32.
+experts, dense MLPs, embeddings, lm_head) Q8_0, norms and routers F32. ``--format fp8`` writes
+a Hugging Face folder in DeepSeek's official FP8 layout instead (float8_e4m3fn matrices in the
+layers with 128x128 ``weight_scale_inv`` blocks; embeddings, lm_head, norms and routers BF16,
+the router bias F32), in safetensors shards of at most 2 GiB with an index.
 
 The quantized blocks are drawn directly (random codes with scales chosen so that every weight
 matrix has standard deviation 1/sqrt(fan_in)) instead of quantizing random floats: a V3 layer's
@@ -21,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from rich.progress import (
     BarColumn,
@@ -47,6 +53,7 @@ from localseek.checkpoint.gguf_names import (
 from localseek.config import ModelConfig
 from localseek.demo import write_bpe_tokenizer
 from localseek.gguf_writer import _write_config, _write_tokenizer
+from localseek.quant.fp8 import FP8_BLOCK
 from localseek.tokenizer import Tokenizer
 
 Q4_K, Q4_0, Q8_0 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0
@@ -308,19 +315,119 @@ def write_synthetic_gguf(arch: str, layers: int, out: Path, seed: int = 0) -> Pa
     return out
 
 
+FP8_SHARD_BYTES = 2 << 30
+
+
+def _fp8_tensors(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], bool]]:
+    """(canonical name, shape, written as FP8) in model order."""
+    from localseek.quant.convert import _fp8_kind
+
+    for name, shape in expected_shapes(cfg).items():
+        yield name, shape, _fp8_kind(name, len(shape)) is not None
+
+
+def _fp8_pair(gen: torch.Generator, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes of std ~1 and float32 block scales 1/sqrt(cols): weights of std 1/sqrt(fan_in)."""
+    codes = torch.randn(rows, cols, generator=gen).clamp_(-448, 448).to(torch.float8_e4m3fn)
+    blocks = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    jitter = 1.0 + 0.1 * torch.randn(blocks, generator=gen)
+    return codes, (jitter / cols**0.5).float()
+
+
+def write_synthetic_fp8(arch: str, layers: int, out: Path, seed: int = 0) -> Path:
+    """Write the shape-faithful random model as an FP8 Hugging Face folder; returns it."""
+    from safetensors.torch import save_file
+
+    from localseek.quant.convert import hf_name
+
+    raw = synthetic_config(arch, layers)
+    cfg = ModelConfig.from_hf_dict(raw, source=f"synthetic {arch}")
+    raw["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+    }
+    raw["torch_dtype"] = "bfloat16"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    gen = torch.Generator().manual_seed(seed)
+    plan = list(_fp8_tensors(cfg))
+    total = sum(int(np.prod(s)) * (1 if fp8 else 2) for _, s, fp8 in plan)
+    shard: dict[str, torch.Tensor] = {}
+    files: list[tuple[str, list[str]]] = []
+
+    def flush() -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        files.append((name, list(shard)))
+        shard.clear()
+
+    try:
+        write_bpe_tokenizer(tmp, _CORPUS, 400)
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress("[progress.description]{task.description}", *columns) as bar:
+            task = bar.add_task(f"writing {out.name}", total=total)
+            held = 0
+            for name, shape, fp8 in plan:
+                hf = hf_name(name)
+                if fp8:
+                    codes, scale = _fp8_pair(gen, *shape)
+                    shard[hf], shard[hf + "_scale_inv"] = codes, scale
+                    n = codes.numel()
+                elif name.endswith("gate_bias"):
+                    shard[hf] = 0.01 * torch.randn(shape, generator=gen)
+                    n = 2 * shard[hf].numel()
+                elif len(shape) == 1:
+                    shard[hf] = (1.0 + 0.05 * torch.randn(shape, generator=gen)).bfloat16()
+                    n = 2 * shard[hf].numel()
+                else:  # embeddings, lm_head, routers
+                    shard[hf] = (torch.randn(shape, generator=gen) / shape[1] ** 0.5).bfloat16()
+                    n = 2 * shard[hf].numel()
+                held += n
+                bar.advance(task, n)
+                if held >= FP8_SHARD_BYTES:
+                    flush()
+                    held = 0
+            if shard:
+                flush()
+        n = len(files)
+        weight_map = {}
+        for i, (name, keys) in enumerate(files, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (tmp / name).rename(tmp / final)
+            weight_map.update(dict.fromkeys(keys, final))
+        index = {"metadata": {}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.chmod(0o755)  # mkdtemp makes 0700
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=sorted(ARCHS), default="v2-lite")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="output .gguf file")
+    p.add_argument("--format", choices=("gguf", "fp8"), default="gguf")
+    p.add_argument("--out", type=Path, required=True, help="output .gguf file or FP8 folder")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     args = p.parse_args(argv)
     if args.out.exists() and not args.force:
         print(f"{args.out} exists; pass --force to replace it.", file=sys.stderr)
         return 1
-    path = write_synthetic_gguf(args.arch, args.layers, args.out, args.seed)
-    print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB); config: {json.dumps(args.arch)}")
+    if args.format == "fp8":
+        path = write_synthetic_fp8(args.arch, args.layers, args.out, args.seed)
+        size = sum(f.stat().st_size for f in path.iterdir())
+    else:
+        path = write_synthetic_gguf(args.arch, args.layers, args.out, args.seed)
+        size = path.stat().st_size
+    print(f"wrote {path} ({size / 2**30:.2f} GiB, {args.arch}, {args.layers} layers)")
     return 0
 
 
