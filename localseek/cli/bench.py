@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from localseek.bench import (
@@ -29,7 +28,7 @@ from localseek.bench import (
 )
 from localseek.checkpoint import open_checkpoint
 from localseek.checkpoint.gguf import GGUFCheckpoint
-from localseek.cli.common import add_model_args, load_from_args, write_atomically
+from localseek.cli.common import add_model_args, counted_progress, load_from_args, write_atomically
 from localseek.demo import default_model
 from localseek.errors import LocalseekError
 from localseek.inspect import summarize
@@ -96,15 +95,7 @@ def main(args: argparse.Namespace) -> int:
 def _run_with_progress(
     engines: list[Engine], tests: list[BenchTest], repeats: int, vocab: int, err: Console
 ) -> list[BenchResult]:
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
+    progress = counted_progress(err)
     runs_per_test = (repeats + 1) * len(engines)
     with progress:
         task = progress.add_task("bench", total=runs_per_test * len(tests))

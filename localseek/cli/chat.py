@@ -13,7 +13,12 @@ from dataclasses import dataclass, field, fields
 import psutil
 import torch
 
-from localseek.cli.common import add_model_args, load_from_args
+from localseek.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    generate_from_args,
+    load_from_args,
+)
 from localseek.cli.ui import ChatUI, SpeedLine, gib
 from localseek.engine import GenerationStats, Model
 from localseek.errors import LocalseekError
@@ -26,13 +31,7 @@ HELP = "chat with a model in the terminal"
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument(
-        "-n", "--max-new-tokens", type=int, default=2048, help="most tokens in one answer"
-    )
-    p.add_argument("--temperature", type=float, default=0.6, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_args(p, 2048, "most tokens in one answer", temperature=0.6, top_p=0.95)
 
 
 @dataclass
@@ -187,14 +186,7 @@ class Chat:
         try:
             prompt = tok.apply_chat_template(self.conversation.messages(user), tokenize=False)
             ids = tok.encode(prompt, add_bos=False)
-            gen = self.model.generate(
-                ids,
-                args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-            )
+            gen = generate_from_args(self.model, ids, args)
         except LocalseekError as e:
             self.ui.error(f"{e} (/reset starts over)")
             return

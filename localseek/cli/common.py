@@ -7,8 +7,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from localseek.demo import default_model
-from localseek.engine import Model, load
+from localseek.engine import Generation, Model, load
 from localseek.errors import LocalseekError
 
 
@@ -30,6 +33,42 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--exact", action="store_true", help="float32 activations on exactly dequantised weights"
     )
     add_budget_args(p)
+
+
+def add_sampling_args(
+    p: argparse.ArgumentParser, max_new_tokens: int, n_help: str, temperature: float, top_p: float
+) -> None:
+    """-n and the sampler's flags, with the command's own defaults."""
+    p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens, help=n_help)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=top_p)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def generate_from_args(model: Model, ids: list[int], args: argparse.Namespace) -> Generation:
+    """model.generate with the flags of ``add_sampling_args``."""
+    return model.generate(
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def counted_progress(console: Console, label: str = "{task.description}") -> Progress:
+    """A transient bar of counted steps on ``console`` (off when it is not a terminal)."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
 
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:

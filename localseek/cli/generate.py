@@ -6,7 +6,12 @@ import argparse
 
 from rich.console import Console
 
-from localseek.cli.common import add_model_args, load_from_args
+from localseek.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    generate_from_args,
+    load_from_args,
+)
 from localseek.errors import LocalseekError
 from localseek.tokenizer import StreamDecoder
 
@@ -16,11 +21,7 @@ HELP = "generate text from one prompt"
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--prompt", "-p", required=True, help="prompt text")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_args(p, 128, "tokens to generate", temperature=0.0, top_p=1.0)
     p.add_argument(
         "--chat",
         action="store_true",
@@ -39,14 +40,7 @@ def main(args: argparse.Namespace) -> int:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
     else:
         ids = tok.encode(args.prompt)
-    gen = model.generate(
-        ids,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    gen = generate_from_args(model, ids, args)
     stream = StreamDecoder(tok)
     out.print(args.prompt, end="", style="bold", markup=False)
     for token in gen:

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from localseek.cli.common import add_model_args, load_from_args, write_atomically
+from localseek.cli.common import add_model_args, counted_progress, load_from_args, write_atomically
 from localseek.errors import LocalseekError
 from localseek.perplexity import perplexity
 
@@ -38,15 +37,7 @@ def main(args: argparse.Namespace) -> int:
     if args.ctx is None:
         args.ctx = DEFAULT_CTX
     model = load_from_args(args, err)
-    progress = Progress(
-        TextColumn("perplexity"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
+    progress = counted_progress(err, "perplexity")
     with progress:
         task = progress.add_task("chunks", total=None)
         result = perplexity(
