@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_config import V3  # DeepSeek-V3's config.json numbers
 
 from localseek.config import ModelConfig
 from localseek.errors import LocalseekError
@@ -16,28 +17,6 @@ from localseek.offload.plan import (
     scratch_bytes,
 )
 
-V3 = {  # DeepSeek-V3's config.json numbers
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "vocab_size": 129280,
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61,
-    "num_attention_heads": 128,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 8,
-    "n_group": 8,
-    "topk_group": 4,
-    "routed_scaling_factor": 2.5,
-    "kv_lora_rank": 512,
-    "q_lora_rank": 1536,
-    "qk_rope_head_dim": 64,
-    "qk_nope_head_dim": 128,
-    "v_head_dim": 128,
-    "first_k_dense_replace": 3,
-    "max_position_embeddings": 163840,
-}
 GiB = 2**30
 
 
