@@ -162,7 +162,7 @@ class Model:
             ]
         # quantized experts on the CPU run in the numba kernels; dense ones stay on the reference
         self.experts = expert_executor(experts, exact=options.exact)
-        self.net = Transformer(cfg, weights, self.experts, self.ctx, options.device)
+        self.net = Transformer(cfg, weights, self.experts, self.ctx, options.device, options.exact)
         self.net.eval()
 
     def _load_tiered(self, ckpt: Checkpoint) -> None:
@@ -203,7 +203,7 @@ class Model:
         except BaseException:
             source.close()
             raise
-        self.net = Transformer(cfg, weights, self.experts, self.ctx, opts.device)
+        self.net = Transformer(cfg, weights, self.experts, self.ctx, opts.device, opts.exact)
         self.net.eval()
         routers = {}
         for layer in cfg.moe_layers:

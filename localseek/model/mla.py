@@ -22,9 +22,10 @@ from localseek.quant import Weight, dense, linear
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, w: dict[str, Weight]):
+    def __init__(self, cfg: ModelConfig, layer: int, w: dict[str, Weight], exact: bool = True):
         super().__init__()
         self.layer = layer
+        self.exact = exact  # float32 activations into quantized projections (else int8)
         self.n_heads = cfg.num_attention_heads
         self.nope_dim = cfg.qk_nope_head_dim
         self.rope_dim = cfg.qk_rope_head_dim
@@ -70,16 +71,17 @@ class MLA(nn.Module):
         """
         B, T, _ = x.shape
         H = self.n_heads
+        ex = self.exact
         q = (
-            linear(self.q_norm(linear(x, self.wq_a)), self.wq_b)
+            linear(self.q_norm(linear(x, self.wq_a, ex)), self.wq_b, ex)
             if self.q_lora
-            else linear(x, self.wq)
+            else linear(x, self.wq, ex)
         )
         q = q.view(B, T, H, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = rope.apply(q_pe, start)  # (B, T, H, rope)
 
-        kv = linear(x, self.wkv_a)
+        kv = linear(x, self.wkv_a, ex)
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         cache.write(self.layer, start, self.kv_norm(c_kv), rope.apply(k_pe, start))
         end = start + T
@@ -89,7 +91,7 @@ class MLA(nn.Module):
             out = self._absorbed(q_nope, q_pe, c_all, pe_all, start)
         else:
             out = self._naive(q_nope, q_pe, c_all, pe_all, start)
-        return linear(out.reshape(B, T, H * self.v_dim), self.wo)
+        return linear(out.reshape(B, T, H * self.v_dim), self.wo, ex)
 
     def _causal_mask(self, T: int, S: int, start: int, device: torch.device) -> torch.Tensor:
         # query i (position start+i) sees keys 0 .. start+i
@@ -99,7 +101,7 @@ class MLA(nn.Module):
     def _naive(self, q_nope, q_pe, c_all, pe_all, start):
         B, T, H, _ = q_nope.shape
         S = c_all.shape[1]
-        kv = linear(c_all, self.wkv_b).view(B, S, H, self.nope_dim + self.v_dim)
+        kv = linear(c_all, self.wkv_b, self.exact).view(B, S, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, pe_all[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)

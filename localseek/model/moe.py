@@ -16,12 +16,14 @@ from localseek.quant import Weight, linear
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
 
-    def __init__(self, w1: Weight, w2: Weight, w3: Weight):
+    def __init__(self, w1: Weight, w2: Weight, w3: Weight, exact: bool = True):
         super().__init__()
         self.w1, self.w2, self.w3 = w1, w2, w3
+        self.exact = exact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)
+        h = F.silu(linear(x, self.w1, self.exact)) * linear(x, self.w3, self.exact)
+        return linear(h, self.w2, self.exact)
 
 
 def route(
@@ -96,14 +98,23 @@ class ReferenceExperts:
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, w: dict[str, Weight], experts: Experts):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        w: dict[str, Weight],
+        experts: Experts,
+        exact: bool = True,
+    ):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
         self.gate = w["gate"]
         self.bias = w.get("gate_bias")
         self.shared = (
-            MLP(w["shared.w1"], w["shared.w2"], w["shared.w3"]) if cfg.n_shared_experts else None
+            MLP(w["shared.w1"], w["shared.w2"], w["shared.w3"], exact)
+            if cfg.n_shared_experts
+            else None
         )
         self.experts = experts
 

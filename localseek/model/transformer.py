@@ -25,16 +25,20 @@ class Transformer(nn.Module):
         experts: Experts,
         max_len: int,
         device: torch.device,
+        exact: bool = True,
     ):
+        """exact: float32 activations into every quantized matmul; False rounds them to int8
+        per 32 for the CPU kernels' integer dot products (llama.cpp's choice)."""
         super().__init__()
         self.cfg = cfg
+        self.exact = exact
         self.max_len = max_len
         self.embed = weights["embed"]
         self.layers = nn.ModuleList()
         for i in range(cfg.num_hidden_layers):
             prefix = f"layers.{i}."
             w = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-            self.layers.append(Block(cfg, i, w, experts))
+            self.layers.append(Block(cfg, i, w, experts, exact))
         self.norm = RMSNorm(weights["norm"], cfg.rms_norm_eps)
         self.head = weights["embed"] if cfg.tie_word_embeddings else weights["head"]
         self.rope = RotaryEmbedding(cfg, max_len, device)
@@ -56,4 +60,4 @@ class Transformer(nn.Module):
             x = block(x, start, cache, self.rope, absorb)
         if last_only:
             x = x[:, -1:]
-        return linear(self.norm(x), self.head).float()
+        return linear(self.norm(x), self.head, self.exact).float()

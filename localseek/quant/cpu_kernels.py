@@ -35,7 +35,7 @@ from localseek.quant.cpu_rowdot import (
     FMT_Q4_K,
     FMT_Q8_0,
     make_rowdot,
-    make_rowdot_q8,
+    make_rowdot_i8,
 )
 from localseek.quant.fp8 import FP8_BLOCK, FP8_QTYPE
 
@@ -61,8 +61,8 @@ _RD1_Q8_0, _RD1_Q4_0, _RD1_Q4_K, _RD1_FP8 = (
 _RD4_Q8_0, _RD4_Q4_0, _RD4_Q4_K, _RD4_FP8 = (
     make_rowdot(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K, FMT_FP8)
 )
-_RQ1_Q8_0, _RQ1_Q4_0, _RQ1_Q4_K = (make_rowdot_q8(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
-_RQ4_Q8_0, _RQ4_Q4_0, _RQ4_Q4_K = (make_rowdot_q8(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
+_RQ1_Q8_0, _RQ1_Q4_0, _RQ1_Q4_K = (make_rowdot_i8(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
+_RQ4_Q8_0, _RQ4_Q4_0, _RQ4_Q4_K = (make_rowdot_i8(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 
 
 def block_size(fmt: int) -> int:
@@ -211,17 +211,14 @@ def _block_sums(x: np.ndarray) -> np.ndarray:
 
 @njit(cache=True)
 def _quantize(fmt: int, x: np.ndarray):
-    """Activations (T, in) as int8 per 32 (scale max|x| / 127), for cpu_rowdot's int path.
+    """Activations (T, in) as int8 per 32 (scale max|x| / 127), for cpu_rowdot's int8 path.
 
-    Returns int16 (T, in) values permuted within runs of 2 * L (L = 8 for Q4_0, else 16):
-    value 2 * i + k goes to k * L + i; float32 (T, in // 32) scales; float32 (T, in // 32)
-    sums of the int8 values per 32 (Q4_K: times the scale)."""
+    Returns int8 (T, in) values in their natural order; float32 (T, in // 32) scales; float32
+    (T, in // 32) sums of the int8 values per 32 (Q4_K: times the scale)."""
     T, n = x.shape
-    half = 8 if fmt == FMT_Q4_0 else 16
-    xq = np.zeros((T, n), dtype=np.int16)
+    xq = np.zeros((T, n), dtype=np.int8)
     dx = np.zeros((T, n // 32), dtype=np.float32)
     xs = np.zeros((T, n // 32), dtype=np.float32)
-    q = np.empty(32, dtype=np.int16)
     for t in range(T):
         for c in range(n // 32):
             o = c * 32
@@ -231,40 +228,35 @@ def _quantize(fmt: int, x: np.ndarray):
             inv = np.float32(127) / amax if amax > 0 else np.float32(0)
             qsum = 0
             for i in range(32):
-                q[i] = np.int16(np.rint(x[t, o + i] * inv))
-                qsum += q[i]
+                q = np.int8(np.rint(x[t, o + i] * inv))
+                xq[t, o + i] = q
+                qsum += q
             dx[t, c] = amax / np.float32(127)
             # Q4_K's mins take the rounded activations too: the result is exact for them
             xs[t, c] = np.float32(qsum) * dx[t, c] if fmt == FMT_Q4_K else np.float32(qsum)
-            for r in range(0, 32, 2 * half):
-                for k in range(2):
-                    for i in range(half):
-                        xq[t, o + r + k * half + i] = q[r + 2 * i + k]
     return xq, dx, xs
 
 
 @njit(fastmath=_FM, cache=True)
-def _dot_tokens_q8(fmt, row, xq, dx, xs, t0, n, out, f16) -> None:
-    """out[i] = W_row . x[t0 + i] for i < n with int8 activations (not FP8)."""
+def _dot_tokens_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16) -> None:
+    """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for i < n, j < nr, int8 activations (not FP8)."""
     t = 0
     while t < n:
         if n - t >= 4:
-            o = out[t : t + 4]
             if fmt == FMT_Q4_K:
-                _RQ4_Q4_K(row, xq, t0 + t, dx, xs, f16, o)
+                _RQ4_Q4_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
             elif fmt == FMT_Q8_0:
-                _RQ4_Q8_0(row, xq, t0 + t, dx, xs, f16, o)
+                _RQ4_Q8_0(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
             else:
-                _RQ4_Q4_0(row, xq, t0 + t, dx, xs, f16, o)
+                _RQ4_Q4_0(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
             t += 4
         else:
-            o = out[t : t + 1]
             if fmt == FMT_Q4_K:
-                _RQ1_Q4_K(row, xq, t0 + t, dx, xs, f16, o)
+                _RQ1_Q4_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
             elif fmt == FMT_Q8_0:
-                _RQ1_Q8_0(row, xq, t0 + t, dx, xs, f16, o)
+                _RQ1_Q8_0(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
             else:
-                _RQ1_Q4_0(row, xq, t0 + t, dx, xs, f16, o)
+                _RQ1_Q4_0(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
             t += 1
 
 
@@ -274,39 +266,38 @@ def _prepare(fmt: int, x: np.ndarray, exact: bool):
     (use int8 path, float permuted, int8 permuted, int8 scales, sums per 32)."""
     T, n = x.shape
     if not _stream_ok(fmt, n):
-        return False, x, np.zeros((0, 0), np.int16), x, x
+        return False, x, np.zeros((0, 0), np.int8), x, x
     if exact or fmt == FMT_FP8:
-        return False, _permute(fmt, x), np.zeros((0, 0), np.int16), x, _block_sums(x)
+        return False, _permute(fmt, x), np.zeros((0, 0), np.int8), x, _block_sums(x)
     xq, dx, xs = _quantize(fmt, x)
     return True, x, xq, dx, xs
 
 
 @njit(fastmath=_FM, cache=True)
-def _dot_tokens(fmt, row, srow, xp, xs, t0, n, out, f16) -> None:
-    """out[i] = W_row . x[t0 + i] for i < n, the row's bytes decoded once per 4 tokens."""
+def _dot_tokens(fmt, w, r0, nr, scale, xp, xs, t0, n, out, o0, f16) -> None:
+    """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for i < n, j < nr, float32 activations; each
+    row's bytes are decoded once per 4 tokens."""
     t = 0
     while t < n:
         if n - t >= 4:
-            o = out[t : t + 4]
             if fmt == FMT_Q4_K:
-                _RD4_Q4_K(row, xp, t0 + t, xs, srow, f16, o)
+                _RD4_Q4_K(w, r0, nr, xp, t0 + t, xs, scale, f16, out, o0 + t)
             elif fmt == FMT_Q8_0:
-                _RD4_Q8_0(row, xp, t0 + t, xs, srow, f16, o)
+                _RD4_Q8_0(w, r0, nr, xp, t0 + t, xs, scale, f16, out, o0 + t)
             elif fmt == FMT_Q4_0:
-                _RD4_Q4_0(row, xp, t0 + t, xs, srow, f16, o)
+                _RD4_Q4_0(w, r0, nr, xp, t0 + t, xs, scale, f16, out, o0 + t)
             else:
-                _RD4_FP8(row, xp, t0 + t, xs, srow, f16, o)
+                _RD4_FP8(w, r0, nr, xp, t0 + t, xs, scale, f16, out, o0 + t)
             t += 4
         else:
-            o = out[t : t + 1]
             if fmt == FMT_Q4_K:
-                _RD1_Q4_K(row, xp, t0 + t, xs, srow, f16, o)
+                _RD1_Q4_K(w, r0, nr, xp, t0 + t, xs, scale, f16, out, o0 + t)
             elif fmt == FMT_Q8_0:
-                _RD1_Q8_0(row, xp, t0 + t, xs, srow, f16, o)
+                _RD1_Q8_0(w, r0, nr, xp, t0 + t, xs, scale, f16, out, o0 + t)
             elif fmt == FMT_Q4_0:
-                _RD1_Q4_0(row, xp, t0 + t, xs, srow, f16, o)
+                _RD1_Q4_0(w, r0, nr, xp, t0 + t, xs, scale, f16, out, o0 + t)
             else:
-                _RD1_FP8(row, xp, t0 + t, xs, srow, f16, o)
+                _RD1_FP8(w, r0, nr, xp, t0 + t, xs, scale, f16, out, o0 + t)
             t += 1
 
 
@@ -317,7 +308,7 @@ def _gemm_stream(
     scale: np.ndarray,  # float32 (row_blocks, col_blocks); FP8 only
     quant: bool,  # int8 activations xq, dx (else float32 xp)
     xp: np.ndarray,  # float32 (T, in), permuted by _permute
-    xq: np.ndarray,  # int16 (T, in), from _quantize
+    xq: np.ndarray,  # int8 (T, in), from _quantize
     dx: np.ndarray,  # float32 (T, in // 32), from _quantize
     xs: np.ndarray,  # float32 (T, in // 32), sums per 32 (_block_sums or _quantize)
     t0: int,
@@ -327,17 +318,12 @@ def _gemm_stream(
     out: np.ndarray,  # float32 (n, r1 - r0): out[i, j] = x[t0 + i] . W[r0 + j]
     f16: np.ndarray,
 ) -> None:
-    buf = np.empty(_TOKEN_BLOCK, dtype=np.float32)
     for tb in range(0, n, _TOKEN_BLOCK):
         nb = min(_TOKEN_BLOCK, n - tb)
-        for r in range(r0, r1):
-            srow = scale[r // FP8_BLOCK] if fmt == FMT_FP8 else scale[0]
-            if quant:
-                _dot_tokens_q8(fmt, w[r], xq, dx, xs, t0 + tb, nb, buf, f16)
-            else:
-                _dot_tokens(fmt, w[r], srow, xp, xs, t0 + tb, nb, buf, f16)
-            for i in range(nb):
-                out[tb + i, r - r0] = buf[i]
+        if quant:
+            _dot_tokens_q8(fmt, w, r0, r1 - r0, xq, dx, xs, t0 + tb, nb, out, tb, f16)
+        else:
+            _dot_tokens(fmt, w, r0, r1 - r0, scale, xp, xs, t0 + tb, nb, out, tb, f16)
 
 
 # --- one matrix ------------------------------------------------------------------------------

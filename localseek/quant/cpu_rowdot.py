@@ -65,6 +65,16 @@ class _Gen:
         p = self.b.gep(base, [off], source_etype=ety)
         return self.b.load(self.b.bitcast(p, ty.as_pointer()), align=1)
 
+    def row(self, arr, r: ir.Value) -> ir.Value:
+        """An i8* to row ``r`` of a 2-D array (any element type, any row stride)."""
+        base = self.b.bitcast(arr.data, _I8.as_pointer())
+        return self.b.gep(base, [self.b.mul(r, self.b.extract_value(arr.strides, 0))])
+
+    def store2d(self, v: ir.Value, arr, r: ir.Value, c: ir.Value) -> None:
+        """arr[r, c] = v for a float32 2-D array."""
+        p = self.b.gep(self.row(arr, r), [self.b.mul(c, self.b.extract_value(arr.strides, 1))])
+        self.b.store(v, self.b.bitcast(p, _F32.as_pointer()))
+
     def lane(self, v: ir.Value, j: int, n: int) -> ir.Value:
         """Broadcast lane j of v to n lanes."""
         return self.b.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), [j] * n))
@@ -119,66 +129,67 @@ def _decode(g: _Gen, fmt: int, w: ir.Value, lanes: int) -> list[list[ir.Value]]:
 
 def _q4k_scales(g: _Gen, rowp: ir.Value, base: ir.Value, d: ir.Value, dmin: ir.Value):
     """A Q4_K super-block's 8 sub-block scales d * sc and mins dmin * m (<8 x float> each),
-    unpacked from its 12 bytes of 6-bit fields in vector lanes."""
+    unpacked from its 12 bytes of 6-bit fields as three 32-bit words (four fields a word):
+    sc[0:4] = a & 63, m[0:4] = b & 63, sc[4:8] = (c & 15) | (a >> 6) << 4,
+    m[4:8] = (c >> 4) | (b >> 6) << 4, bytewise."""
     b = g.b
-    s12 = b.zext(g.load(rowp, b.add(base, g.i64(4)), _vec(_I8, 12), _I8), _vec(_I32, 12))
+    a, bw, c = (g.load(rowp, b.add(base, g.i64(o)), _I32, _I8) for o in (4, 8, 12))
 
-    def pick(idx):
-        return b.shuffle_vector(s12, s12, ir.Constant(_vec(_I32, 8), idx))
+    def k(v):
+        return ir.Constant(_I32, v)
 
-    def const(vals):
-        return ir.Constant(_vec(_I32, 8), vals)
-
-    def top2(v):  # (v >> 6) << 4 in lanes 4..7, 0 in lanes 0..3
-        return b.and_(b.shl(b.lshr(v, const([6] * 8)), const([4] * 8)), const([0] * 4 + [48] * 4))
-
-    low = const([63] * 4 + [15] * 4)
-    # sc: lanes 0-3 s[0..3] & 63; lanes 4-7 (s[8..11] & 15) | (s[0..3] >> 6) << 4
-    sc = b.or_(b.and_(pick([0, 1, 2, 3, 8, 9, 10, 11]), low), top2(pick([0, 1, 2, 3] * 2)))
-    # m: lanes 0-3 s[4..7] & 63; lanes 4-7 (s[8..11] >> 4) | (s[4..7] >> 6) << 4
-    mm = b.lshr(pick([4, 5, 6, 7, 8, 9, 10, 11]), const([0] * 4 + [4] * 4))
-    m = b.or_(b.and_(mm, low), top2(pick([4, 5, 6, 7] * 2)))
+    sc_lo, m_lo = b.and_(a, k(0x3F3F3F3F)), b.and_(bw, k(0x3F3F3F3F))
+    sc_hi = b.or_(b.and_(c, k(0x0F0F0F0F)), b.and_(b.lshr(a, k(2)), k(0x30303030)))
+    m_hi = b.or_(b.and_(b.lshr(c, k(4)), k(0x0F0F0F0F)), b.and_(b.lshr(bw, k(2)), k(0x30303030)))
     vf = _vec(_F32, 8)
-    return b.fmul(g.bcast(d, 8), b.sitofp(sc, vf)), b.fmul(g.bcast(dmin, 8), b.sitofp(m, vf))
+
+    def floats(lo, hi):  # two words of 4 bytes -> <8 x float>
+        v = b.insert_element(ir.Constant(_vec(_I32, 2), ir.Undefined), lo, k(0))
+        v = b.insert_element(v, hi, k(1))
+        return b.uitofp(b.bitcast(v, _vec(_I8, 8)), vf)
+
+    sc, m = floats(sc_lo, sc_hi), floats(m_lo, m_hi)
+    return b.fmul(g.bcast(d, 8), sc), b.fmul(g.bcast(dmin, 8), m)
 
 
 def make_rowdot(fmt: int, nt: int):
-    """An intrinsic ``rowdot(row, xp, t0, xsum, scale, lut, out)``: out[t] = W[row] . x[t0 + t]
-    for t < nt.
+    """An intrinsic ``rowdot(w, r0, nr, xp, t0, xsum, scale, lut, out, o0)``:
+    out[o0 + t, i] = W[r0 + i] . x[t0 + t] for t < nt, i < nr.
+
+    Rows are looped over inside the intrinsic, so a row costs no call and no array view.
 
     Args (numba arrays):
-        row: uint8 (row_bytes,) one row's stored bytes.
-        xp: float32 (T, in) activations permuted by ``permute_activations`` for ``fmt``.
+        w: uint8 (rows, row_bytes) stored bytes, one row of blocks per output row.
+        xp: float32 (T, in) activations permuted by ``cpu_kernels._permute`` for ``fmt``.
         xsum: float32 (T, in // 32) sums of the unpermuted activations per 32 (Q4_K, Q4_0).
-        scale: float32 (in // 128,) the row's FP8 block scales (others: unused).
+        scale: float32 (row_blocks, in // 128) FP8 block scales (others: unused).
         lut: float32 (65536,) f16 -> float32.
-        out: float32 (nt,) results.
+        out: float32 (tokens, nr) results.
     """
     wpu, bpu, lanes = UNIT[fmt]
     vf = _vec(_F32, lanes)
     vi = _vec(_I32, lanes)
 
     @intrinsic
-    def rowdot(typingctx, row, xp, t0, xsum, scale, lut, out):
-        sig = types.void(row, xp, t0, xsum, scale, lut, out)
+    def rowdot(typingctx, w, r0, nr, xp, t0, xsum, scale, lut, out, o0):
+        sig = types.void(w, r0, nr, xp, t0, xsum, scale, lut, out, o0)
 
         def codegen(context, builder, sig, args):
             g = _Gen(context, builder)
             b = builder
-            rowty, xpty, _, xsty, scty, lutty, outty = sig.args
-            rowa = g.array(rowty, args[0])
-            rowp = rowa.data
-            xpa = g.array(xpty, args[1])
+            wty, _, _, xpty, _, xsty, scty, lutty, outty, _ = sig.args
+            wa = g.array(wty, args[0])
+            r0v, nrv, t0v, o0v = args[1], args[2], args[4], args[9]
+            xpa = g.array(xpty, args[3])
             xpp = xpa.data
             n_in = b.extract_value(xpa.shape, 1)
-            xsa = g.array(xsty, args[3])
+            xsa = g.array(xsty, args[5])
             xsp = xsa.data
             n_xs = b.extract_value(xsa.shape, 1)
-            scp = g.data(scty, args[4])
-            lutp = g.data(lutty, args[5])
-            outp = g.data(outty, args[6])
-            t0v = args[2]
-            n_units = b.sdiv(b.extract_value(rowa.shape, 0), g.i64(bpu))
+            sca = g.array(scty, args[6])
+            lutp = g.data(lutty, args[7])
+            outa = g.array(outty, args[8])
+            n_units = b.sdiv(b.extract_value(wa.shape, 1), g.i64(bpu))
             zero = ir.Constant(vf, [0.0] * lanes)
             n_acc = 2 if fmt == FMT_Q4_K else 1
             accs = [[cgutils.alloca_once_value(b, zero) for _ in range(n_acc)] for _ in range(nt)]
@@ -187,67 +198,77 @@ def make_rowdot(fmt: int, nt: int):
             xrow = [b.mul(b.add(t0v, g.i64(t)), n_in) for t in range(nt)]
             xsrow = [b.mul(b.add(t0v, g.i64(t)), n_xs) for t in range(nt)]
 
-            with cgutils.for_range(b, n_units) as loop:
-                u = loop.index
-                base = b.mul(u, g.i64(bpu))
-                x0 = b.mul(u, g.i64(wpu))
-                if fmt == FMT_Q4_K:
-                    d = g.f16(rowp, base, lutp)
-                    dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
-                    dsc, dm = _q4k_scales(g, rowp, base, d, dmin)
-                    for t in range(nt):
-                        xs = g.load(xsp, b.add(xsrow[t], b.mul(u, g.i64(8))), vf, _F32)
-                        b.store(b.fadd(b.load(mins[t]), b.fmul(dm, xs)), mins[t])
-                    for grp in range(4):
-                        w = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), vi, _I8)
-                        halves = _decode(g, fmt, w, lanes)
-                        for h, vals in enumerate(halves):
-                            sj = g.lane(dsc, 2 * grp + h, lanes)
-                            for t in range(nt):
-                                xo = b.add(xrow[t], b.add(x0, g.i64(64 * grp + 32 * h)))
-                                part = None
+            with cgutils.for_range(b, nrv) as rows:
+                r = b.add(r0v, rows.index)
+                rowp = g.row(wa, r)
+                for t in range(nt):
+                    for a in accs[t]:
+                        b.store(zero, a)
+                    b.store(zero, mins[t])
+                    b.store(ir.Constant(_F32, 0.0), msum[t])
+                if fmt == FMT_FP8:  # the row's block scales: scale[r // 128]
+                    scp = b.bitcast(g.row(sca, b.sdiv(r, g.i64(128))), _F32.as_pointer())
+                with cgutils.for_range(b, n_units) as loop:
+                    u = loop.index
+                    base = b.mul(u, g.i64(bpu))
+                    x0 = b.mul(u, g.i64(wpu))
+                    if fmt == FMT_Q4_K:
+                        d = g.f16(rowp, base, lutp)
+                        dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
+                        dsc, dm = _q4k_scales(g, rowp, base, d, dmin)
+                        for t in range(nt):
+                            xs = g.load(xsp, b.add(xsrow[t], b.mul(u, g.i64(8))), vf, _F32)
+                            b.store(b.fadd(b.load(mins[t]), b.fmul(dm, xs)), mins[t])
+                        for grp in range(4):
+                            wv = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), vi, _I8)
+                            halves = _decode(g, fmt, wv, lanes)
+                            for h, vals in enumerate(halves):
+                                sj = g.lane(dsc, 2 * grp + h, lanes)
+                                for t in range(nt):
+                                    xo = b.add(xrow[t], b.add(x0, g.i64(64 * grp + 32 * h)))
+                                    part = None
+                                    for k in range(4):
+                                        xv = g.load(xpp, b.add(xo, g.i64(8 * k)), vf, _F32)
+                                        pr = b.fmul(vals[k], xv)
+                                        part = pr if part is None else b.fadd(part, pr)
+                                    a = accs[t][h]
+                                    b.store(b.fadd(b.load(a), b.fmul(sj, part)), a)
+                    else:
+                        if fmt == FMT_FP8:
+                            # chunk of 32 columns; its block scale is scale[r // 128, u // 4]
+                            s = b.load(b.gep(scp, [b.sdiv(u, g.i64(4))], source_etype=_F32))
+                            s = b.fmul(s, ir.Constant(_F32, 2.0**120))
+                            woff = base
+                        else:
+                            d = g.f16(rowp, base, lutp)
+                            s = b.fmul(d, ir.Constant(_F32, 2.0**-24)) if fmt == FMT_Q8_0 else d
+                            woff = b.add(base, g.i64(2))
+                        wv = g.load(rowp, woff, vi, _I8)
+                        halves = _decode(g, fmt, wv, lanes)
+                        sv = g.bcast(s, lanes)
+                        for t in range(nt):
+                            part = None
+                            for h, vals in enumerate(halves):
+                                xo = b.add(xrow[t], b.add(x0, g.i64(4 * lanes * h)))
                                 for k in range(4):
-                                    xv = g.load(xpp, b.add(xo, g.i64(8 * k)), vf, _F32)
+                                    xv = g.load(xpp, b.add(xo, g.i64(lanes * k)), vf, _F32)
                                     pr = b.fmul(vals[k], xv)
                                     part = pr if part is None else b.fadd(part, pr)
-                                a = accs[t][h]
-                                b.store(b.fadd(b.load(a), b.fmul(sj, part)), a)
-                else:
-                    if fmt == FMT_FP8:
-                        # chunk of 32 columns; its block scale is scale[u // 4]
-                        s = b.load(b.gep(scp, [b.sdiv(u, g.i64(4))], source_etype=_F32))
-                        s = b.fmul(s, ir.Constant(_F32, 2.0**120))
-                        woff = base
-                    else:
-                        d = g.f16(rowp, base, lutp)
-                        s = b.fmul(d, ir.Constant(_F32, 2.0**-24)) if fmt == FMT_Q8_0 else d
-                        woff = b.add(base, g.i64(2))
-                    w = g.load(rowp, woff, vi, _I8)
-                    halves = _decode(g, fmt, w, lanes)
-                    sv = g.bcast(s, lanes)
-                    for t in range(nt):
-                        part = None
-                        for h, vals in enumerate(halves):
-                            xo = b.add(xrow[t], b.add(x0, g.i64(4 * lanes * h)))
-                            for k in range(4):
-                                xv = g.load(xpp, b.add(xo, g.i64(lanes * k)), vf, _F32)
-                                pr = b.fmul(vals[k], xv)
-                                part = pr if part is None else b.fadd(part, pr)
-                        a = accs[t][0]
-                        b.store(b.fadd(b.load(a), b.fmul(sv, part)), a)
-                        if fmt == FMT_Q4_0:  # q - 8: subtract 8 d sum(x) at the end
-                            xs = b.load(b.gep(xsp, [b.add(xsrow[t], u)], source_etype=_F32))
-                            b.store(b.fadd(b.load(msum[t]), b.fmul(d, xs)), msum[t])
-            for t in range(nt):
-                tot = None
-                for a in accs[t]:
-                    hs = g.hsum(b.load(a), lanes)
-                    tot = hs if tot is None else b.fadd(tot, hs)
-                if fmt == FMT_Q4_K:
-                    tot = b.fsub(tot, g.hsum(b.load(mins[t]), 8))
-                if fmt == FMT_Q4_0:
-                    tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), b.load(msum[t])))
-                b.store(tot, b.gep(outp, [g.i64(t)], source_etype=_F32))
+                            a = accs[t][0]
+                            b.store(b.fadd(b.load(a), b.fmul(sv, part)), a)
+                            if fmt == FMT_Q4_0:  # q - 8: subtract 8 d sum(x) at the end
+                                xs = b.load(b.gep(xsp, [b.add(xsrow[t], u)], source_etype=_F32))
+                                b.store(b.fadd(b.load(msum[t]), b.fmul(d, xs)), msum[t])
+                for t in range(nt):
+                    tot = None
+                    for a in accs[t]:
+                        hs = g.hsum(b.load(a), lanes)
+                        tot = hs if tot is None else b.fadd(tot, hs)
+                    if fmt == FMT_Q4_K:
+                        tot = b.fsub(tot, g.hsum(b.load(mins[t]), 8))
+                    if fmt == FMT_Q4_0:
+                        tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), b.load(msum[t])))
+                    g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -257,140 +278,187 @@ def make_rowdot(fmt: int, nt: int):
 
 # --- int8 activations (exact=False) ----------------------------------------------------------
 #
-# Activations are quantized per 32 to int8 (stored as int16, scale dx = max|x| / 127, as
-# llama.cpp's Q8 activations) and the weights' integers are multiplied by them in integer
-# arithmetic: 16-bit lanes, adjacent products summed into 32 bits (the pattern LLVM lowers to
-# vpmaddwd). One float conversion and one fused multiply-add per 8 sums of 4 products remain.
-# Byte k of every 16-bit word is taken with one mask or shift, so activations are permuted within
-# each run of 16 * 2 (Q4_0: 8 * 2) values: value 2 * i + k goes to k * L + i.
+# Activations are quantized per 32 to int8 (scale dx = max|x| / 127, as llama.cpp's Q8
+# activations), kept in their natural order, and multiplied by the weights' integers with one
+# u8 x s8 dot product of 4 pairs per 32-bit lane (``_dpbusd``): AVX512-VNNI / AVX-VNNI's
+# vpdpbusd where the target CPU has it, else plain vector IR that LLVM lowers as it can (the
+# same sums, bit for bit). Q4_K / Q4_0 nibbles are already unsigned; Q8_0 weights enter as |w|
+# with w's sign moved onto the activations. One float conversion and one fused multiply-add per
+# 32 weights and token remain.
 
-QUNIT = {FMT_Q8_0: (32, 34, 8), FMT_Q4_0: (32, 18, 4), FMT_Q4_K: (256, 144, 8)}
-
-
-def _madd(b: ir.IRBuilder, x: ir.Value, y: ir.Value, n: int) -> ir.Value:
-    """<2n x i16> x, y -> <n x i32>: x[2i] * y[2i] + x[2i+1] * y[2i+1] (vpmaddwd)."""
-    v32 = _vec(_I32, 2 * n)
-    p = b.mul(b.sext(x, v32), b.sext(y, v32))
-    even = b.shuffle_vector(p, p, ir.Constant(_vec(_I32, n), list(range(0, 2 * n, 2))))
-    odd = b.shuffle_vector(p, p, ir.Constant(_vec(_I32, n), list(range(1, 2 * n, 2))))
-    return b.add(even, odd)
+QUNIT = {FMT_Q8_0: (32, 34), FMT_Q4_0: (32, 18), FMT_Q4_K: (256, 144)}
+_VB = _vec(_I8, 32)  # 32 bytes: one ymm
+_VD = _vec(_I32, 8)
 
 
-def _qdecode(b: ir.IRBuilder, fmt: int, w: ir.Value, n16: int) -> list[list[ir.Value]]:
-    """Integer weights of one chunk of 16-bit words ``w`` (<n16 x i16>): groups (one per
-    scale) of two vectors, vector k holding byte k (or its nibble) of every word."""
+def target_vnni() -> int:
+    """Widest vpdpbusd, in bytes, of the CPU numba compiles for: 64 (AVX512-VNNI), 32
+    (AVX512-VNNI with VL only, or AVX-VNNI), 0 (none: plain vector IR).
 
-    def c(v):
-        return _splat(_I16, n16, v)
+    Follows numba's own target choice, so NUMBA_CPU_NAME / NUMBA_CPU_FEATURES select the plain
+    path too (and numba's cache keys on them)."""
+    from llvmlite import binding as llvm
+    from numba.core import config
 
-    if fmt == FMT_Q8_0:
-        return [[b.ashr(b.shl(w, c(8)), c(8)), b.ashr(w, c(8))]]
-    lo = [b.and_(w, c(15)), b.and_(b.lshr(w, c(8)), c(15))]
-    hi = [b.and_(b.lshr(w, c(4)), c(15)), b.lshr(w, c(12))]
-    return [lo, hi]
+    feats = config.CPU_FEATURES
+    if feats is None:
+        feats = llvm.get_host_cpu_features().flatten()
+    on = {f[1:] for f in feats.split(",") if f.startswith("+")}
+    if {"avx512vnni", "avx512bw"} <= on:
+        return 64 if "avx512vl" in on else 0
+    return 32 if "avxvnni" in on else 0
 
 
-def make_rowdot_q8(fmt: int, nt: int):
-    """An intrinsic ``rowdot(row, xq, t0, dx, xs, lut, out)``: out[t] = W[row] . x[t0 + t] with
-    int8 activations, for t < nt.
+def _dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int) -> ir.Value:
+    """<n x i8> w (unsigned), x (signed) -> <n/4 x i32>: lane i = sum_k w[4i+k] * x[4i+k],
+    for n = 32 or 64."""
+    n = w.type.count
+    if vnni:
+        step = min(n, vnni)
+        vd = _vec(_I32, step // 4)
+        fn = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(vd, [vd] * 3), f"llvm.x86.avx512.vpdpbusd.{8 * step}"
+        )
+        parts = []
+        for o in range(0, n, step):
+            idx = ir.Constant(_vec(_I32, step), list(range(o, o + step)))
+            wp = w if step == n else b.shuffle_vector(w, w, idx)
+            xp = x if step == n else b.shuffle_vector(x, x, idx)
+            zero = ir.Constant(vd, [0] * (step // 4))
+            parts.append(b.call(fn, [zero, b.bitcast(wp, vd), b.bitcast(xp, vd)]))
+        if len(parts) == 1:
+            return parts[0]
+        return b.shuffle_vector(
+            parts[0], parts[1], ir.Constant(_vec(_I32, n // 4), list(range(n // 4)))
+        )
+    vn = _vec(_I32, n)
+    p = b.mul(b.zext(w, vn), b.sext(x, vn))
+    tot = None
+    for k in range(4):
+        part = b.shuffle_vector(p, p, ir.Constant(_vec(_I32, n // 4), list(range(k, n, 4))))
+        tot = part if tot is None else b.add(tot, part)
+    return tot
+
+
+def make_rowdot_i8(fmt: int, nt: int):
+    """An intrinsic ``rowdot(w, r0, nr, xq, t0, dx, xs, lut, out, o0)``:
+    out[o0 + t, i] = W[r0 + i] . x[t0 + t] with int8 activations, for t < nt, i < nr.
 
     Args (numba arrays):
-        row: uint8 (row_bytes,) one row's stored bytes.
-        xq: int16 (T, in) quantized activations permuted by ``cpu_kernels._quantize``.
+        w: uint8 (rows, row_bytes) stored bytes, one row of blocks per output row.
+        xq: int8 (T, in) quantized activations (``cpu_kernels._quantize``), natural order.
         dx: float32 (T, in // 32) their scales.
         xs: float32 (T, in // 32) per 32: sum(xq) * dx (Q4_K mins) or sum(xq) (Q4_0).
         lut: float32 (65536,) f16 -> float32.
-        out: float32 (nt,) results.
+        out: float32 (tokens, nr) results.
     """
-    wpu, bpu, lanes = QUNIT[fmt]
-    n16 = 2 * lanes  # 16-bit words per vector
-    vf = _vec(_F32, lanes)
-    vw = _vec(_I16, n16)
+    wpu, bpu = QUNIT[fmt]
+    vf = _vec(_F32, 8)
+    vnni = target_vnni()
+    fm = ("contract",)
+    n_lanes = 16 if fmt == FMT_Q4_K else 8  # accumulator lanes
 
     @intrinsic
-    def rowdot(typingctx, row, xq, t0, dx, xs, lut, out):
-        sig = types.void(row, xq, t0, dx, xs, lut, out)
+    def rowdot(typingctx, w, r0, nr, xq, t0, dx, xs, lut, out, o0):
+        sig = types.void(w, r0, nr, xq, t0, dx, xs, lut, out, o0)
 
         def codegen(context, builder, sig, args):
             g = _Gen(context, builder)
             b = builder
-            rowty, xqty, _, dxty, xsty, lutty, outty = sig.args
-            rowa = g.array(rowty, args[0])
-            rowp = rowa.data
-            xqa = g.array(xqty, args[1])
+            wty, _, _, xqty, _, dxty, xsty, lutty, outty, _ = sig.args
+            wa = g.array(wty, args[0])
+            r0v, nrv, o0v = args[1], args[2], args[9]
+            xqa = g.array(xqty, args[3])
             xqp = xqa.data
             n_in = b.extract_value(xqa.shape, 1)
-            dxa = g.array(dxty, args[3])
+            dxa = g.array(dxty, args[5])
             dxp = dxa.data
             n_b = b.extract_value(dxa.shape, 1)
-            xsp = g.data(xsty, args[4])
-            lutp = g.data(lutty, args[5])
-            outp = g.data(outty, args[6])
-            n_units = b.sdiv(b.extract_value(rowa.shape, 0), g.i64(bpu))
-            zero = ir.Constant(vf, [0.0] * lanes)
-            n_acc = 2 if fmt == FMT_Q4_K else 1
-            accs = [[cgutils.alloca_once_value(b, zero) for _ in range(n_acc)] for _ in range(nt)]
-            mins = [cgutils.alloca_once_value(b, _splat(_F32, 8, 0.0)) for _ in range(nt)]
+            xsp = g.data(xsty, args[6])
+            lutp = g.data(lutty, args[7])
+            outa = g.array(outty, args[8])
+            n_units = b.sdiv(b.extract_value(wa.shape, 1), g.i64(bpu))
+            zero8 = ir.Constant(vf, [0.0] * 8)
+            zero = ir.Constant(_vec(_F32, n_lanes), [0.0] * n_lanes)
+            accs = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(nt)]
+            mins = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]
             msum = [cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in range(nt)]
-            tok = [b.add(args[2], g.i64(t)) for t in range(nt)]
+            tok = [b.add(args[4], g.i64(t)) for t in range(nt)]
             xrow = [b.mul(tok[t], n_in) for t in range(nt)]
             brow = [b.mul(tok[t], n_b) for t in range(nt)]
 
-            def isum(vals, t, xo):  # <lanes x i32>: sum over k of madd(vals[k], xq[...])
-                tot = None
-                for k, v in enumerate(vals):
-                    xv = g.load(xqp, b.add(xo, g.i64(n16 * k)), vw, _I16)
-                    m = _madd(b, v, xv, lanes)
-                    tot = m if tot is None else b.add(tot, m)
-                return b.sitofp(tot, vf)
+            def fma_into(a, s, p):  # a += s * float(p)
+                prod = b.fmul(s, b.sitofp(p, s.type), flags=fm)
+                b.store(b.fadd(b.load(a), prod, flags=fm), a)
 
-            with cgutils.for_range(b, n_units) as loop:
-                u = loop.index
-                base = b.mul(u, g.i64(bpu))
-                x0 = b.mul(u, g.i64(wpu))
-                if fmt == FMT_Q4_K:
-                    d = g.f16(rowp, base, lutp)
-                    dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
-                    dsc, dm = _q4k_scales(g, rowp, base, d, dmin)
-                    sub = b.mul(u, g.i64(8))
-                    s_t = []
-                    for t in range(nt):
-                        xs = g.load(xsp, b.add(brow[t], sub), _vec(_F32, 8), _F32)
-                        b.store(b.fadd(b.load(mins[t]), b.fmul(dm, xs)), mins[t])
-                        dxv = g.load(dxp, b.add(brow[t], sub), _vec(_F32, 8), _F32)
-                        s_t.append(b.fmul(dsc, dxv))
-                    for grp in range(4):
-                        w = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), vw, _I8)
-                        for h, vals in enumerate(_qdecode(b, fmt, w, n16)):
+            with cgutils.for_range(b, nrv) as rows:
+                rowp = g.row(wa, b.add(r0v, rows.index))
+                for t in range(nt):
+                    for acc in accs[t]:
+                        b.store(zero, acc)
+                    b.store(zero8, mins[t])
+                    b.store(ir.Constant(_F32, 0.0), msum[t])
+                with cgutils.for_range(b, n_units) as loop:
+                    u = loop.index
+                    base = b.mul(u, g.i64(bpu))
+                    x0 = b.mul(u, g.i64(wpu))
+                    if fmt == FMT_Q4_K:
+                        d = g.f16(rowp, base, lutp)
+                        dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
+                        dsc, dm = _q4k_scales(g, rowp, base, d, dmin)
+                        sub = b.mul(u, g.i64(8))
+                        s_t = []
+                        for t in range(nt):
+                            xsv = g.load(xsp, b.add(brow[t], sub), vf, _F32)
+                            b.store(b.fadd(b.load(mins[t]), b.fmul(dm, xsv)), mins[t])
+                            dxv = g.load(dxp, b.add(brow[t], sub), vf, _F32)
+                            s_t.append(b.fmul(dsc, dxv))
+                        nib = _splat(_I8, 32, 15)
+                        both = ir.Constant(_vec(_I32, 64), list(range(64)))
+                        for grp in range(4):
+                            # sub-blocks 2 grp (low nibbles) and 2 grp + 1 (high): 64 weights
+                            # that pair with 64 consecutive activations
+                            wv = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), _VB, _I8)
+                            lo, hi = b.and_(wv, nib), b.lshr(wv, _splat(_I8, 32, 4))
+                            w64 = b.shuffle_vector(lo, hi, both)
+                            pick = ir.Constant(_vec(_I32, 16), [2 * grp] * 8 + [2 * grp + 1] * 8)
                             for t in range(nt):
-                                xo = b.add(xrow[t], b.add(x0, g.i64(64 * grp + 32 * h)))
-                                sj = g.lane(s_t[t], 2 * grp + h, lanes)
-                                a = accs[t][h]
-                                b.store(b.fadd(b.load(a), b.fmul(sj, isum(vals, t, xo))), a)
-                else:
-                    d = g.f16(rowp, base, lutp)
-                    w = g.load(rowp, b.add(base, g.i64(2)), vw, _I8)
-                    groups = _qdecode(b, fmt, w, n16)
-                    for t in range(nt):
-                        blk = b.add(brow[t], u)
-                        sd = b.fmul(d, b.load(b.gep(dxp, [blk], source_etype=_F32)))
-                        xo = b.add(xrow[t], x0)
-                        vals = [v for grp in groups for v in grp]
-                        a = accs[t][0]
-                        b.store(b.fadd(b.load(a), b.fmul(g.bcast(sd, lanes), isum(vals, t, xo))), a)
-                        if fmt == FMT_Q4_0:  # q - 8: subtract 8 d dx sum(xq) at the end
-                            xsv = b.load(b.gep(xsp, [blk], source_etype=_F32))
-                            b.store(b.fadd(b.load(msum[t]), b.fmul(sd, xsv)), msum[t])
-            for t in range(nt):
-                tot = None
-                for a in accs[t]:
-                    hs = g.hsum(b.load(a), lanes)
-                    tot = hs if tot is None else b.fadd(tot, hs)
-                if fmt == FMT_Q4_K:
-                    tot = b.fsub(tot, g.hsum(b.load(mins[t]), 8))
-                if fmt == FMT_Q4_0:
-                    tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), b.load(msum[t])))
-                b.store(tot, b.gep(outp, [g.i64(t)], source_etype=_F32))
+                                xo = b.add(xrow[t], b.add(x0, g.i64(64 * grp)))
+                                p = _dpbusd(b, w64, g.load(xqp, xo, _vec(_I8, 64), _I8), vnni)
+                                sj = b.shuffle_vector(s_t[t], s_t[t], pick)
+                                fma_into(accs[t][grp % 2], sj, p)
+                    else:
+                        d = g.f16(rowp, base, lutp)
+                        if fmt == FMT_Q8_0:
+                            wv = g.load(rowp, b.add(base, g.i64(2)), _VB, _I8)
+                            neg = b.icmp_signed("<", wv, _splat(_I8, 32, 0))
+                            wv = b.select(neg, b.neg(wv), wv)  # |w|; -128 is 0x80 = 128 unsigned
+                        else:  # Q4_0: 16 bytes, low nibbles values 0..15, high ones 16..31
+                            w16 = g.load(rowp, b.add(base, g.i64(2)), _vec(_I8, 16), _I8)
+                            lo = b.and_(w16, _splat(_I8, 16, 15))
+                            hi = b.lshr(w16, _splat(_I8, 16, 4))
+                            wv = b.shuffle_vector(
+                                lo, hi, ir.Constant(_vec(_I32, 32), list(range(32)))
+                            )
+                        for t in range(nt):
+                            blk = b.add(brow[t], u)
+                            sd = b.fmul(d, b.load(b.gep(dxp, [blk], source_etype=_F32)))
+                            xv = g.load(xqp, b.add(xrow[t], x0), _VB, _I8)
+                            if fmt == FMT_Q8_0:  # w's sign onto x (x in -127..127: no overflow)
+                                xv = b.select(neg, b.neg(xv), xv)
+                            fma_into(accs[t][0], g.bcast(sd, 8), _dpbusd(b, wv, xv, vnni))
+                            if fmt == FMT_Q4_0:  # q - 8: subtract 8 d dx sum(xq) at the end
+                                xsv = b.load(b.gep(xsp, [blk], source_etype=_F32))
+                                b.store(b.fadd(b.load(msum[t]), b.fmul(sd, xsv)), msum[t])
+                for t in range(nt):
+                    tot = b.fadd(
+                        g.hsum(b.load(accs[t][0]), n_lanes), g.hsum(b.load(accs[t][1]), n_lanes)
+                    )
+                    if fmt == FMT_Q4_K:
+                        tot = b.fsub(tot, g.hsum(b.load(mins[t]), 8))
+                    if fmt == FMT_Q4_0:
+                        tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), b.load(msum[t])))
+                    g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -12,12 +12,14 @@ from localseek.quant.tensor import QTensor, Weight
 _CPU_KERNEL_QTYPES = {"ggml_q8_0", "ggml_q4_0", "ggml_q4_k", "fp8_e4m3_b128"}
 
 
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tensor:
     """y = x @ w.T for a dense or quantized weight ``w`` of shape (out, in).
 
     A 2-D QTensor in a CPU-kernel format with ``x`` on the CPU goes through the numba kernel
     (float32 accumulation, the exact dequantized values); one on another device goes through the
     tiled GPU-tier kernels (``gpu_kernels``); other QTensors are dequantized on use.
+    ``exact=False`` lets the CPU kernel round the activations to int8 per 32 for integer dot
+    products (what llama.cpp does for every quantized matmul); dense weights are unaffected.
     """
     if isinstance(w, QTensor):
         on_cpu = w.device.type == "cpu" and x.device.type == "cpu"
@@ -25,7 +27,7 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
             from localseek.quant.cpu_kernels import qmatmul  # numba: imported on first use
 
             flat = x.reshape(-1, x.shape[-1]).float()  # (B*T, in)
-            y = qmatmul(flat, w.qtype, w.data, w.scale)  # (B*T, out)
+            y = qmatmul(flat, w.qtype, w.data, w.scale, exact)  # (B*T, out)
             return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
         if w.device.type != "cpu" and gpu_kernels.supports(w):  # GPU tier: tile by tile
             return gpu_kernels.qmatmul(x, w)
