@@ -45,6 +45,11 @@ def _splat(t: ir.Type, n: int, v) -> ir.Constant:
     return ir.Constant(_vec(t, n), [v] * n)
 
 
+def _iota(n: int) -> ir.Constant:
+    """Shuffle indices 0..n-1: concatenates two vectors of n / 2."""
+    return ir.Constant(_vec(_I32, n), list(range(n)))
+
+
 class _Gen:
     """IR helpers bound to one builder."""
 
@@ -264,8 +269,8 @@ def make_rowdot(fmt: int, nt: int):
                     for a in accs[t]:
                         hs = g.hsum(b.load(a), lanes)
                         tot = hs if tot is None else b.fadd(tot, hs)
-                    if fmt == FMT_Q4_K:
-                        tot = b.fsub(tot, g.hsum(b.load(mins[t]), 8))
+                    side = g.hsum(b.load(mins[t]), 8)  # Q4_K: mins; else the odd block
+                    tot = b.fsub(tot, side) if fmt == FMT_Q4_K else b.fadd(tot, side)
                     if fmt == FMT_Q4_0:
                         tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), b.load(msum[t])))
                     g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
@@ -356,7 +361,7 @@ def make_rowdot_i8(fmt: int, nt: int):
     vf = _vec(_F32, 8)
     vnni = target_vnni()
     fm = ("contract",)
-    n_lanes = 16 if fmt == FMT_Q4_K else 8  # accumulator lanes
+    n_lanes = 16  # accumulator lanes: 64 weights per product
 
     @intrinsic
     def rowdot(typingctx, w, r0, nr, xq, t0, dx, xs, lut, out, o0):
@@ -398,11 +403,11 @@ def make_rowdot_i8(fmt: int, nt: int):
                         b.store(zero, acc)
                     b.store(zero8, mins[t])
                     b.store(ir.Constant(_F32, 0.0), msum[t])
-                with cgutils.for_range(b, n_units) as loop:
-                    u = loop.index
-                    base = b.mul(u, g.i64(bpu))
-                    x0 = b.mul(u, g.i64(wpu))
-                    if fmt == FMT_Q4_K:
+                if fmt == FMT_Q4_K:
+                    with cgutils.for_range(b, n_units) as loop:
+                        u = loop.index
+                        base = b.mul(u, g.i64(bpu))
+                        x0 = b.mul(u, g.i64(wpu))
                         d = g.f16(rowp, base, lutp)
                         dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
                         dsc, dm = _q4k_scales(g, rowp, base, d, dmin)
@@ -414,7 +419,7 @@ def make_rowdot_i8(fmt: int, nt: int):
                             dxv = g.load(dxp, b.add(brow[t], sub), vf, _F32)
                             s_t.append(b.fmul(dsc, dxv))
                         nib = _splat(_I8, 32, 15)
-                        both = ir.Constant(_vec(_I32, 64), list(range(64)))
+                        both = _iota(64)
                         for grp in range(4):
                             # sub-blocks 2 grp (low nibbles) and 2 grp + 1 (high): 64 weights
                             # that pair with 64 consecutive activations
@@ -427,35 +432,67 @@ def make_rowdot_i8(fmt: int, nt: int):
                                 p = _dpbusd(b, w64, g.load(xqp, xo, _vec(_I8, 64), _I8), vnni)
                                 sj = b.shuffle_vector(s_t[t], s_t[t], pick)
                                 fma_into(accs[t][grp % 2], sj, p)
-                    else:
+                else:
+                    # blocks of 32 in pairs: 64 weights, one 512-bit product; an odd last block
+                    # goes to the side accumulators
+                    def block32(u):  # d, |w| or the nibbles (<32 x i8>), w < 0 (Q8_0)
+                        base = b.mul(u, g.i64(bpu))
                         d = g.f16(rowp, base, lutp)
                         if fmt == FMT_Q8_0:
                             wv = g.load(rowp, b.add(base, g.i64(2)), _VB, _I8)
                             neg = b.icmp_signed("<", wv, _splat(_I8, 32, 0))
-                            wv = b.select(neg, b.neg(wv), wv)  # |w|; -128 is 0x80 = 128 unsigned
-                        else:  # Q4_0: 16 bytes, low nibbles values 0..15, high ones 16..31
-                            w16 = g.load(rowp, b.add(base, g.i64(2)), _vec(_I8, 16), _I8)
-                            lo = b.and_(w16, _splat(_I8, 16, 15))
-                            hi = b.lshr(w16, _splat(_I8, 16, 4))
-                            wv = b.shuffle_vector(
-                                lo, hi, ir.Constant(_vec(_I32, 32), list(range(32)))
-                            )
+                            return d, b.select(neg, b.neg(wv), wv), neg  # -128 is 128 unsigned
+                        # Q4_0: 16 bytes, low nibbles values 0..15, high ones 16..31
+                        w16 = g.load(rowp, b.add(base, g.i64(2)), _vec(_I8, 16), _I8)
+                        lo = b.and_(w16, _splat(_I8, 16, 15))
+                        hi = b.lshr(w16, _splat(_I8, 16, 4))
+                        return d, b.shuffle_vector(lo, hi, _iota(32)), None
+
+                    def scaled(t, u, d):  # d dx[t, u] and the block's Q4_0 term
+                        blk = b.add(brow[t], u)
+                        sd = b.fmul(d, b.load(b.gep(dxp, [blk], source_etype=_F32)))
+                        if fmt == FMT_Q4_0:  # q - 8: subtract 8 d dx sum(xq) at the end
+                            xsv = b.load(b.gep(xsp, [blk], source_etype=_F32))
+                            b.store(b.fadd(b.load(msum[t]), b.fmul(sd, xsv)), msum[t])
+                        return sd
+
+                    with cgutils.for_range(b, b.sdiv(n_units, g.i64(2))) as loop:
+                        u = b.mul(loop.index, g.i64(2))
+                        u1 = b.add(u, g.i64(1))
+                        (d0, w0, n0), (d1, w1, n1) = block32(u), block32(u1)
+                        w64 = b.shuffle_vector(w0, w1, _iota(64))
+                        neg = None if n0 is None else b.shuffle_vector(n0, n1, _iota(64))
+                        halves = ir.Constant(_vec(_I32, 16), [0] * 8 + [1] * 8)
                         for t in range(nt):
-                            blk = b.add(brow[t], u)
-                            sd = b.fmul(d, b.load(b.gep(dxp, [blk], source_etype=_F32)))
-                            xv = g.load(xqp, b.add(xrow[t], x0), _VB, _I8)
-                            if fmt == FMT_Q8_0:  # w's sign onto x (x in -127..127: no overflow)
+                            sd = b.insert_element(
+                                ir.Constant(_vec(_F32, 2), ir.Undefined), scaled(t, u, d0), g.i64(0)
+                            )
+                            sd = b.insert_element(sd, scaled(t, u1, d1), g.i64(1))
+                            x0 = b.add(xrow[t], b.mul(u, g.i64(wpu)))
+                            xv = g.load(xqp, x0, _vec(_I8, 64), _I8)
+                            if neg is not None:  # w's sign onto x (x in -127..127: no overflow)
                                 xv = b.select(neg, b.neg(xv), xv)
-                            fma_into(accs[t][0], g.bcast(sd, 8), _dpbusd(b, wv, xv, vnni))
-                            if fmt == FMT_Q4_0:  # q - 8: subtract 8 d dx sum(xq) at the end
-                                xsv = b.load(b.gep(xsp, [blk], source_etype=_F32))
-                                b.store(b.fadd(b.load(msum[t]), b.fmul(sd, xsv)), msum[t])
+                            fma_into(
+                                accs[t][0],
+                                b.shuffle_vector(sd, sd, halves),
+                                _dpbusd(b, w64, xv, vnni),
+                            )
+                    odd = b.icmp_signed("!=", b.and_(n_units, g.i64(1)), g.i64(0))
+                    with b.if_then(odd, likely=False):
+                        u = b.sub(n_units, g.i64(1))
+                        d, wv, neg = block32(u)
+                        for t in range(nt):
+                            sd = scaled(t, u, d)
+                            xv = g.load(xqp, b.add(xrow[t], b.mul(u, g.i64(wpu))), _VB, _I8)
+                            if neg is not None:
+                                xv = b.select(neg, b.neg(xv), xv)
+                            fma_into(mins[t], g.bcast(sd, 8), _dpbusd(b, wv, xv, vnni))
                 for t in range(nt):
                     tot = b.fadd(
                         g.hsum(b.load(accs[t][0]), n_lanes), g.hsum(b.load(accs[t][1]), n_lanes)
                     )
-                    if fmt == FMT_Q4_K:
-                        tot = b.fsub(tot, g.hsum(b.load(mins[t]), 8))
+                    side = g.hsum(b.load(mins[t]), 8)  # Q4_K: mins; else the odd block
+                    tot = b.fsub(tot, side) if fmt == FMT_Q4_K else b.fadd(tot, side)
                     if fmt == FMT_Q4_0:
                         tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), b.load(msum[t])))
                     g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
