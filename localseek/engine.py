@@ -12,6 +12,7 @@ import psutil
 import torch
 
 from localseek.checkpoint import Checkpoint, expected_shapes, open_checkpoint
+from localseek.checkpoint.base import optional_shapes
 from localseek.config import ModelConfig
 from localseek.errors import LocalseekError
 from localseek.model.kv_cache import KVCache
@@ -81,6 +82,8 @@ def plan_placement(
     """
     cfg = ckpt.config
     fixed = {n: s for n, s in expected_shapes(cfg).items() if _EXPERT not in n}
+    have = set(ckpt.names())
+    fixed.update({n: s for n, s in optional_shapes(cfg).items() if n in have})
     source = ExpertSource(ckpt, cfg.moe_layers, dtype)
     try:
         sizes = {n: _kept_nbytes(ckpt, n, s, dtype) for n, s in fixed.items()}
@@ -226,6 +229,8 @@ class Model:
     ) -> dict[str, Weight]:
         opts = self.options
         shapes = expected_shapes(self.config) if shapes is None else shapes
+        have = set(ckpt.names())
+        shapes = {**shapes, **{n: s for n, s in optional_shapes(self.config).items() if n in have}}
         need = sum(_kept_nbytes(ckpt, n, s, opts.dtype) for n, s in shapes.items())
         need += KVCache.bytes_per_token(self.config, opts.dtype) * self.ctx
         available = psutil.virtual_memory().available

@@ -17,6 +17,7 @@ import torch
 
 import localseek
 from localseek.checkpoint import open_checkpoint
+from localseek.checkpoint.base import optional_shapes
 from localseek.checkpoint.gguf import GGUFCheckpoint
 from localseek.errors import CheckpointError
 from localseek.gguf_writer import write_gguf
@@ -76,10 +77,24 @@ def test_gguf_checkpoint_layout(f32_files, hf_models) -> None:
     with GGUFCheckpoint(f32_files["v3"]) as ck, open_checkpoint(hf_models["v3"][0]) as hf:
         assert ck.config.scoring_func == "sigmoid" and ck.config.topk_method == "noaux_tc"
         assert ck.config.rope_scaling is not None and ck.config.rope_scaling.mscale_all_dim == 1.0
-        assert sorted(ck.names()) == sorted(hf.names())
+        split = set(optional_shapes(ck.config))  # wkv_b per head as the file stores it
+        assert sorted(set(ck.names()) - split) == sorted(hf.names())
         ck.check_complete()
         for name in ["layers.1.attn.wkv_b", "layers.2.ffn.experts.5.w2", "embed"]:
             assert torch.equal(ck.tensor(name), hf.tensor(name, torch.float32))
+        # wk_b = W_UK transposed and wv_b = W_UV, per head, from the same wkv_b
+        cfg = ck.config
+        H, nope, v, r = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
+        wkv_b = hf.tensor("layers.1.attn.wkv_b", torch.float32).view(H, nope + v, r)
+        wk_b, wv_b = ck.tensor("layers.1.attn.wk_b"), ck.tensor("layers.1.attn.wv_b")
+        assert ck.shape("layers.1.attn.wk_b") == tuple(wk_b.shape) == (H * r, nope)
+        assert torch.equal(wk_b.view(H, r, nope), wkv_b[:, :nope].transpose(1, 2))
+        assert torch.equal(wv_b.view(H, v, r), wkv_b[:, nope:])
         # an expert is a view into the stack, not a copy
         stack = ck._tensors["blk.1.ffn_up_exps.weight"][1].data
         e3 = ck.tensor("layers.1.ffn.experts.3.w3")

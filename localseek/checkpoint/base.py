@@ -117,6 +117,19 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def optional_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical tensors a checkpoint may hold besides ``expected_shapes``: wkv_b split per
+    head as llama.cpp's MLA files store it, ``wk_b`` = W_UK transposed (H * kv_lora_rank,
+    nope) and ``wv_b`` = W_UV (H * v, kv_lora_rank), which the absorbed decode multiplies
+    straight from the stored blocks."""
+    H, r = cfg.num_attention_heads, cfg.kv_lora_rank
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(cfg.num_hidden_layers):
+        shapes[f"layers.{i}.attn.wk_b"] = (H * r, cfg.qk_nope_head_dim)
+        shapes[f"layers.{i}.attn.wv_b"] = (H * cfg.v_head_dim, r)
+    return shapes
+
+
 def _mlp(shapes: dict[str, tuple[int, ...]], prefix: str, dim: int, inter: int) -> None:
     shapes[prefix + "w1"] = (inter, dim)
     shapes[prefix + "w3"] = (inter, dim)

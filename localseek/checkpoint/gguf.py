@@ -257,6 +257,8 @@ class GGUFCheckpoint(Checkpoint):
                     self._where[f"layers.{layer}.ffn.experts.{e}.{proj}"] = gguf_name
             elif template == ATTN_K_B and ATTN_V_B.format(i=layer) in self._tensors:
                 self._where.setdefault(f"layers.{layer}.attn.wkv_b", gguf_name)
+                self._where[f"layers.{layer}.attn.wk_b"] = gguf_name
+                self._where[f"layers.{layer}.attn.wv_b"] = ATTN_V_B.format(i=layer)
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -270,6 +272,8 @@ class GGUFCheckpoint(Checkpoint):
         shape = tuple(int(d) for d in reversed(t.shape))  # numpy order
         if canonical_expert(name) is not None:
             return shape[1:]
+        if name.endswith((".wk_b", ".wv_b")):  # (H, rows, cols) stacked per head
+            return (shape[0] * shape[1], shape[2])
         if gguf_name.endswith("attn_k_b.weight"):
             cfg = self.config
             H = cfg.num_attention_heads
@@ -284,7 +288,7 @@ class GGUFCheckpoint(Checkpoint):
         t = self._tensors[gguf_name][1]
         if canonical_expert(name) is not None:
             return int(t.n_bytes) // self.config.n_routed_experts
-        if gguf_name.endswith("attn_k_b.weight"):
+        if gguf_name.endswith("attn_k_b.weight") and name.endswith(".wkv_b"):
             return int(t.n_bytes) + int(self._tensors[gguf_name.replace("_k_b", "_v_b")][1].n_bytes)
         return int(t.n_bytes)
 
@@ -298,6 +302,8 @@ class GGUFCheckpoint(Checkpoint):
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> Weight:
         gguf_name = self._where[name]
+        if name.endswith((".wk_b", ".wv_b")):
+            return self._heads_stacked(gguf_name, self.shape(name), dtype)
         if gguf_name.endswith("attn_k_b.weight"):
             return self._wkv_b(gguf_name, dtype)
         expert = canonical_expert(name)
@@ -320,6 +326,16 @@ class GGUFCheckpoint(Checkpoint):
         if qtype == GGMLQuantizationType.BF16:
             return raw.view(torch.bfloat16).view(shape)
         return ggml_qtensor(qtype, shape, raw.view(-1, raw.shape[-1]))
+
+    def _heads_stacked(
+        self, gguf_name: str, shape: tuple[int, int], dtype: torch.dtype | None
+    ) -> Weight:
+        """attn_k_b / attn_v_b (H, rows, cols) as one (H * rows, cols) matrix, as stored."""
+        w = self._read(gguf_name)
+        if isinstance(w, QTensor):
+            return QTensor(w.qtype, shape, w.data, w.scale)
+        w = w.reshape(shape)
+        return w if dtype is None else w.to(dtype)
 
     def _wkv_b(self, k_b_name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """Rebuild the canonical wkv_b (H * (nope + v), kv_lora_rank) from attn_k_b/attn_v_b."""

@@ -19,6 +19,7 @@ from localseek.model.kv_cache import KVCache
 from localseek.model.norm import RMSNorm
 from localseek.model.rope import RotaryEmbedding
 from localseek.quant import Weight, dense, linear
+from localseek.quant.linear import from_blocks, grouped_linear
 
 
 class MLA(nn.Module):
@@ -42,6 +43,10 @@ class MLA(nn.Module):
         self.wkv_a = w["wkv_a"]
         self.kv_norm = RMSNorm(w["kv_norm"], cfg.rms_norm_eps)
         self.wkv_b = w["wkv_b"]
+        # wkv_b split per head as stored (llama.cpp MLA files): where the kernels multiply them
+        # from their blocks, the absorbed decode reads those instead of dense float W_UK / W_UV
+        split = (w.get("wk_b"), w.get("wv_b"))
+        self.wk_b, self.wv_b = split if all(map(from_blocks, split)) else (None, None)
         self.wo = w["wo"]
         self._absorb: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -116,11 +121,24 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)  # (B, T, H, v)
 
+    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope (B, T, H, nope) through W_UK: (B, H, T, C)."""
+        if self.wk_b is not None:
+            return grouped_linear(q_nope, self.wk_b, self.exact).transpose(1, 2)
+        w_uk, _ = self.absorbed_weights(q_nope.dtype)
+        # batched matmuls rather than einsum: at one token, einsum's dispatch was ~5% of decode
+        return q_nope.transpose(1, 2) @ w_uk
+
+    def _absorb_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat (B, H, T, C) through W_UV: (B, T, H, v)."""
+        if self.wv_b is not None:
+            return grouped_linear(o_lat.transpose(1, 2), self.wv_b, self.exact)
+        _, w_uv_t = self.absorbed_weights(o_lat.dtype)
+        return (o_lat @ w_uv_t).transpose(1, 2)
+
     def _absorbed(self, q_nope, q_pe, c_all, pe_all, start):
         T, S = q_nope.shape[1], c_all.shape[1]
-        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)
-        # batched matmuls rather than einsum: at one token, einsum's dispatch was ~5% of decode
-        q_lat = q_nope.transpose(1, 2) @ w_uk  # (B, H, T, C)
+        q_lat = self._absorb_query(q_nope)  # (B, H, T, C)
         c_t = c_all[:, None]  # (B, 1, S, C)
         scores = q_lat @ c_t.transpose(-1, -2)  # (B, H, T, S)
         scores = scores + q_pe.transpose(1, 2) @ pe_all[:, None].transpose(-1, -2)
@@ -130,4 +148,4 @@ class MLA(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(c_all.dtype)
         o_lat = probs @ c_t  # (B, H, T, C)
-        return (o_lat @ w_uv_t).transpose(1, 2)  # (B, T, H, v)
+        return self._absorb_output(o_lat)  # (B, T, H, v)

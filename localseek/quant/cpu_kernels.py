@@ -332,30 +332,33 @@ def _gemm_stream(
 @njit(parallel=True, fastmath=_FM, cache=True)
 def _qmatmul(
     fmt: int,
-    w: np.ndarray,  # uint8 (rows, row_bytes)
+    w: np.ndarray,  # uint8 (G * R, row_bytes): G groups of R rows
     scale: np.ndarray,  # float32 (row_blocks, col_blocks)
-    x: np.ndarray,  # float32 (T, in)
-    y: np.ndarray,  # float32 (T, rows)
+    x: np.ndarray,  # float32 (G * N, in): G groups of N tokens
+    y: np.ndarray,  # float32 (G * N, R): y[g * N + t, j] = x[g * N + t] . W[g * R + j]
     f16: np.ndarray,
     fp8: np.ndarray,
     exact: bool,
+    groups: int,
 ) -> None:
-    T = x.shape[0]
-    rows = w.shape[0]
+    N = x.shape[0] // groups
+    R = w.shape[0] // groups
     stream = _stream_ok(fmt, x.shape[1])
     quant, xp, xq, dx, xs = _prepare(fmt, x, exact)
-    n_chunks = (rows + _TILE_ROWS - 1) // _TILE_ROWS
-    for c in prange(n_chunks):
-        r0 = c * _TILE_ROWS
-        r1 = min(rows, r0 + _TILE_ROWS)
-        part = np.empty((T, r1 - r0), dtype=np.float32)
+    n_chunks = (R + _TILE_ROWS - 1) // _TILE_ROWS  # per group
+    for c in prange(groups * n_chunks):
+        g = c // n_chunks
+        j0 = (c % n_chunks) * _TILE_ROWS
+        j1 = min(R, j0 + _TILE_ROWS)
+        r0, r1, t0 = g * R + j0, g * R + j1, g * N
+        part = np.empty((N, j1 - j0), dtype=np.float32)
         if stream:
-            _gemm_stream(fmt, w, scale, quant, xp, xq, dx, xs, 0, T, r0, r1, part, f16)
+            _gemm_stream(fmt, w, scale, quant, xp, xq, dx, xs, t0, N, r0, r1, part, f16)
         else:
-            _gemm_rows(fmt, w, scale, x, r0, r1, part, f16, fp8)
-        for t in range(T):
-            for i in range(r1 - r0):
-                y[t, r0 + i] = part[t, i]
+            _gemm_rows(fmt, w, scale, x[t0 : t0 + N], r0, r1, part, f16, fp8)
+        for t in range(N):
+            for i in range(j1 - j0):
+                y[t0 + t, j0 + i] = part[t, i]
 
 
 def _scale2d(scale: torch.Tensor | None) -> np.ndarray:
@@ -380,24 +383,30 @@ def qmatmul(
     data: torch.Tensor,
     scale: torch.Tensor | None,
     exact: bool = True,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """y = x @ W.T for a weight stored as ``qtype`` (one of ``KERNEL_FORMATS``).
+    """y = x @ W.T for a weight stored as ``qtype`` (one of ``KERNEL_FORMATS``), or, with
+    ``groups`` G, G independent products: group g's tokens times group g's rows.
 
     Args:
-        x: float32 (T, in) activations on the CPU.
+        x: float32 (T, in) activations on the CPU; with groups, (G * N, in), group-major.
         qtype: the QTensor format tag.
-        data: the stored weight, uint8 (rows, row_bytes) or float8_e4m3fn (rows, in).
+        data: the stored weight, uint8 (rows, row_bytes) or float8_e4m3fn (rows, in); with
+            groups, G * R rows, group-major.
         scale: FP8 block scales (row_blocks, col_blocks); None for GGML formats.
         exact: float32 activations; False quantizes them to int8 per 32 for integer dot
             products (GGML formats; FP8 stays float32).
+        groups: G; y[g * N + t] = x[g * N + t] @ W[g * R : (g + 1) * R].T.
     Returns:
-        float32 (T, rows).
+        float32 (T, rows), or (G * N, R) with groups.
     """
     fmt = KERNEL_FORMATS[qtype]
     xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
     w = raw_bytes(data)
-    y = np.empty((xs.shape[0], w.shape[0]), dtype=np.float32)
-    _qmatmul(fmt, w, _scale2d(scale), xs, y, F16_LUT, FP8_LUT, bool(exact))
+    if xs.shape[0] % groups or w.shape[0] % groups:
+        raise ValueError(f"{xs.shape[0]} tokens and {w.shape[0]} rows in {groups} groups")
+    y = np.empty((xs.shape[0], w.shape[0] // groups), dtype=np.float32)
+    _qmatmul(fmt, w, _scale2d(scale), xs, y, F16_LUT, FP8_LUT, bool(exact), groups)
     return torch.from_numpy(y)
 
 

@@ -35,6 +35,41 @@ def linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def from_blocks(w: Weight | None) -> bool:
+    """Whether ``linear`` / ``grouped_linear`` multiply ``w`` straight from its stored blocks
+    (a CPU-kernel format on the CPU) rather than from a dequantized copy."""
+    return (
+        isinstance(w, QTensor)
+        and w.qtype in _CPU_KERNEL_QTYPES
+        and len(w.shape) == 2
+        and w.device.type == "cpu"
+    )
+
+
+def grouped_linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tensor:
+    """G independent products: y[..., g, :] = x[..., g, :] @ W_g.T, where W_g is rows
+    g * R .. (g + 1) * R - 1 of ``w`` (G * R, in). MLA's absorbed decode uses it per head.
+
+    Args:
+        x: (..., G, in).
+        w: (G * R, in), dense or a QTensor (CPU-kernel formats run from the stored bytes).
+    Returns:
+        (..., G, R) in x's dtype.
+    """
+    *lead, G, n_in = x.shape
+    R = w.shape[0] // G
+    xg = x.reshape(-1, G, n_in).transpose(0, 1)  # (G, N, in)
+    N = xg.shape[1]
+    if from_blocks(w) and x.device.type == "cpu":
+        from localseek.quant.cpu_kernels import qmatmul
+
+        flat = xg.reshape(G * N, n_in).float()  # (G * N, in), group-major
+        y = qmatmul(flat, w.qtype, w.data, w.scale, exact, groups=G)  # (G * N, R)
+        return y.view(G, N, R).transpose(0, 1).reshape(*lead, G, R).to(x.dtype)
+    wd = dense(w, x.dtype).view(G, R, n_in)
+    return (xg @ wd.transpose(1, 2)).transpose(0, 1).reshape(*lead, G, R)  # (G, N, R) first
+
+
 def dense(w: Weight, dtype: torch.dtype) -> torch.Tensor:
     """The weight as a dense tensor (for the few places that need the matrix itself)."""
     return w.dequantize(dtype) if isinstance(w, QTensor) else w.to(dtype)
