@@ -18,6 +18,7 @@ from localseek.offload import CPUExperts
 from localseek.quant import QTensor, linear
 from localseek.quant.cpu_kernels import qmatmul
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
+from localseek.quant.linear import grouped_linear
 
 BLOCKS = {"ggml_q8_0": (32, 34), "ggml_q4_0": (32, 18), "ggml_q4_k": (256, 144)}
 
@@ -82,6 +83,30 @@ def test_qmatmul_equals_dequantize_matmul(qtype, shape) -> None:
         fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False)
         assert _rel(fast, _int8_activations(x).double() @ dense.T) < 1e-5
         assert _rel(fast, x.double() @ dense.T) < 2e-2
+
+
+@pytest.mark.parametrize("qtype", ["ggml_q8_0", "ggml_q4_k"])
+def test_grouped_qmatmul_is_one_product_per_group(qtype) -> None:
+    """groups=G: group g's tokens times group g's rows (MLA's per-head absorbed decode)."""
+    G, R, n_in = 3, 40, 256 if qtype == "ggml_q4_k" else 96
+    (w,) = _random_weights(qtype, (G * R, n_in), 1, seed=7)
+    dense = w.dequantize(torch.float32).double().view(G, R, n_in)
+    for N in (1, 5):
+        x = torch.randn(G * N, n_in)
+        want = torch.cat([x[g * N : (g + 1) * N].double() @ dense[g].T for g in range(G)])
+        got = qmatmul(x, w.qtype, w.data, w.scale, groups=G)
+        assert got.shape == (G * N, R) and _rel(got, want) < 1e-5
+        fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False, groups=G)
+        xr = _int8_activations(x).double()
+        want_fast = torch.cat([xr[g * N : (g + 1) * N] @ dense[g].T for g in range(G)])
+        assert _rel(fast, want_fast) < 1e-5
+    # grouped_linear: the same through the public entry, batch dims kept
+    x = torch.randn(2, 4, G, n_in)
+    y = grouped_linear(x, w)
+    assert y.shape == (2, 4, G, R)
+    ref = torch.einsum("btgi,gri->btgr", x.double(), dense)
+    assert _rel(y, ref) < 1e-5
+    assert _rel(grouped_linear(x, w.dequantize(torch.float32)), ref) < 1e-5
 
 
 @pytest.mark.parametrize(
