@@ -388,6 +388,8 @@ def make_rowdot_i8(fmt: int, nt: int):
             accs = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(nt)]
             mins = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]
             msum = [cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in range(nt)]
+            zero2 = ir.Constant(_vec(_F32, 2), [0.0, 0.0])
+            msum2 = [cgutils.alloca_once_value(b, zero2) for _ in range(nt)]  # pairs' Q4_0 term
             tok = [b.add(args[4], g.i64(t)) for t in range(nt)]
             xrow = [b.mul(tok[t], n_in) for t in range(nt)]
             brow = [b.mul(tok[t], n_b) for t in range(nt)]
@@ -403,6 +405,7 @@ def make_rowdot_i8(fmt: int, nt: int):
                         b.store(zero, acc)
                     b.store(zero8, mins[t])
                     b.store(ir.Constant(_F32, 0.0), msum[t])
+                    b.store(zero2, msum2[t])
                 if fmt == FMT_Q4_K:
                     with cgutils.for_range(b, n_units) as loop:
                         u = loop.index
@@ -448,7 +451,7 @@ def make_rowdot_i8(fmt: int, nt: int):
                         hi = b.lshr(w16, _splat(_I8, 16, 4))
                         return d, b.shuffle_vector(lo, hi, _iota(32)), None
 
-                    def scaled(t, u, d):  # d dx[t, u] and the block's Q4_0 term
+                    def scaled(t, u, d):  # d dx[t, u] and the odd block's Q4_0 term
                         blk = b.add(brow[t], u)
                         sd = b.fmul(d, b.load(b.gep(dxp, [blk], source_etype=_F32)))
                         if fmt == FMT_Q4_0:  # q - 8: subtract 8 d dx sum(xq) at the end
@@ -463,11 +466,15 @@ def make_rowdot_i8(fmt: int, nt: int):
                         w64 = b.shuffle_vector(w0, w1, _iota(64))
                         neg = None if n0 is None else b.shuffle_vector(n0, n1, _iota(64))
                         halves = ir.Constant(_vec(_I32, 16), [0] * 8 + [1] * 8)
+                        v2 = _vec(_F32, 2)
+                        dv = b.insert_element(ir.Constant(v2, ir.Undefined), d0, g.i64(0))
+                        dv = b.insert_element(dv, d1, g.i64(1))
                         for t in range(nt):
-                            sd = b.insert_element(
-                                ir.Constant(_vec(_F32, 2), ir.Undefined), scaled(t, u, d0), g.i64(0)
-                            )
-                            sd = b.insert_element(sd, scaled(t, u1, d1), g.i64(1))
+                            blk = b.add(brow[t], u)
+                            sd = b.fmul(dv, g.load(dxp, blk, v2, _F32))  # d dx of both blocks
+                            if fmt == FMT_Q4_0:  # q - 8: 8 d dx sum(xq) comes off at the end
+                                prod = b.fmul(sd, g.load(xsp, blk, v2, _F32), flags=fm)
+                                b.store(b.fadd(b.load(msum2[t]), prod, flags=fm), msum2[t])
                             x0 = b.add(xrow[t], b.mul(u, g.i64(wpu)))
                             xv = g.load(xqp, x0, _vec(_I8, 64), _I8)
                             if neg is not None:  # w's sign onto x (x in -127..127: no overflow)
@@ -494,7 +501,9 @@ def make_rowdot_i8(fmt: int, nt: int):
                     side = g.hsum(b.load(mins[t]), 8)  # Q4_K: mins; else the odd block
                     tot = b.fsub(tot, side) if fmt == FMT_Q4_K else b.fadd(tot, side)
                     if fmt == FMT_Q4_0:
-                        tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), b.load(msum[t])))
+                        m2 = b.load(msum2[t])
+                        m = b.fadd(b.load(msum[t]), g.hsum(m2, 2))
+                        tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), m))
                     g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
             return context.get_dummy_value()
 
