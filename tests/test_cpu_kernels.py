@@ -3,6 +3,11 @@ against ReferenceExperts, and a quantized GGUF model against the reference exper
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import gguf_util as gu
 import models
 import numpy as np
@@ -179,3 +184,35 @@ def test_gguf_model_with_cpu_experts(ftype, label, tmp_path, monkeypatch) -> Non
     rel = _rel(ours, reference.logits(IDS))
     print(f"{label}: CPUExperts vs reference logits {rel:.2e}")
     assert rel < 1e-5
+
+
+def test_int8_path_without_vnni(tmp_path) -> None:
+    """On a CPU without VNNI the int8 path is plain vector IR with the same sums: numba told to
+    compile for Haswell (AVX2, no VNNI) gives the int8-rounded products there too."""
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        from test_cpu_kernels import _int8_activations, _random_weights, _rel
+        from localseek.quant.cpu_kernels import qmatmul
+        from localseek.quant.cpu_rowdot import target_vnni
+        assert target_vnni() == 0, target_vnni()
+        for qtype, shape in [("ggml_q8_0", (24, 288)), ("ggml_q4_0", (24, 288)),
+                             ("ggml_q4_k", (24, 512))]:
+            (w,) = _random_weights(qtype, shape, 1, seed=1)
+            dense = w.dequantize(torch.float32).double()
+            for T in (1, 5):
+                x = torch.randn(T, shape[1])
+                fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False)
+                err = _rel(fast, _int8_activations(x).double() @ dense.T)
+                assert err < 1e-5, (qtype, T, err)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    env["NUMBA_CPU_FEATURES"] = "+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2"
+    tests = os.path.dirname(__file__)
+    run = subprocess.run(
+        [sys.executable, "-c", script, tests], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

@@ -7,8 +7,9 @@ so each thread reads a disjoint slice of the weight bytes. Two paths:
   are decoded by the vector-IR intrinsics of ``cpu_rowdot`` once per 4 tokens, in blocks of
   ``_TOKEN_BLOCK`` tokens whose activations stay in L2; at decode each row is read once.
   ``exact=True``: float32 activations, float32 sums (reordered, still within 1e-5 of float64).
-  ``exact=False`` (GGML formats): activations rounded to int8 per 32 and multiplied in integer
-  arithmetic, exact for the rounded activations (about 0.5% relative RMS from the rounding).
+  ``exact=False`` (GGML formats): activations rounded to int8 per 32 (llama.cpp's Q8_0
+  activations) and multiplied in integer arithmetic (vpdpbusd where the CPU has VNNI), exact
+  for the rounded activations (about 0.5% relative RMS from the rounding).
 - tiles (FP8 rows of other widths): each worker decodes a tile of ``_TILE_ROWS`` rows by
   ``_TILE`` columns into float32 (the exact values ``QTensor.dequantize`` gives) and multiplies
   it with every token's activations; about ten times slower than streaming.
