@@ -129,7 +129,9 @@ def set_threads(threads: int | None) -> None:
     """One thread setting for torch and numba, so the two never oversubscribe the cores."""
     if threads is None:
         return
-    torch.set_num_threads(threads)
     import numba
 
+    # numba first: starting its OpenMP pool sets the process-wide OpenMP thread count, which
+    # torch shares (torch asked for 1 thread ran on 2 when it was set before numba)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
