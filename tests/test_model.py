@@ -1,5 +1,8 @@
 """localseek against transformers' DeepseekV2/V3 on tiny random models, in float32."""
 
+import subprocess
+import sys
+
 import models
 import numpy as np
 import pytest
@@ -133,3 +136,16 @@ def test_mtp_layers_are_skipped(v3_model, tmp_path):
     ids = prompt(10)
     # same weights; only the memory alignment of the mapped tensors differs
     assert rel_err(localseek.load(tmp_path).logits(ids), localseek.load(path).logits(ids)) <= 1e-6
+
+
+def test_threads_setting_reaches_torch_and_numba(v3_model):
+    """One thread setting for both pools; numba's OpenMP start must not undo torch's."""
+    code = (
+        "import sys, localseek, numba, torch; localseek.load(sys.argv[1], threads=1); "
+        "print(torch.get_num_threads(), numba.get_num_threads())"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(v3_model[0])], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["1", "1"]
