@@ -1,4 +1,4 @@
-"""The fast CPU path (int8 activations in the expert kernels) against exact=True on one model.
+"""The fast CPU path (int8 activations into every quantized matmul) against exact=True.
 
     .venv/bin/localseek quantize localseek/data/demo models/demo-q4_0.gguf --type q4_0 --no-eval
     .venv/bin/python benchmarks/fast_vs_exact.py --model models/demo-q4_0.gguf
