@@ -40,7 +40,16 @@ def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
         ("v3", {}),
         ("v2_lite", {}),
         ("v3_q", {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2}),
-        ("v2_lite_q", {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 2}),
+        # nope 32: attn_k_b rows are whole Q8_0 blocks, so the absorbed decode runs from them
+        (
+            "v2_lite_q",
+            {
+                "hidden_size": 256,
+                "intermediate_size": 256,
+                "num_hidden_layers": 2,
+                "qk_nope_head_dim": 32,
+            },
+        ),
     ]:
         path = tmp_path_factory.mktemp(kind)
         model = models.build(kind.removesuffix("_q"), path, seed=3, vocab_size=gu.VOCAB, **over)
@@ -116,7 +125,17 @@ def test_llama_quantized_file(kind, ftype, label, f32_files, tmp_path) -> None:
         stack = ck._tensors["blk.1.ffn_gate_exps.weight"][1].data
         assert np.shares_memory(expert.data.numpy(), stack)
         deq = write_gguf(ck, tmp_path / f"{label}-deq.gguf", "f32")[0]
-    ours = localseek.load(quant, exact=True).logits(IDS)
+    model = localseek.load(quant, exact=True)
+    ours = model.logits(IDS)
+    # decode through the latent cache: the absorbed path, which multiplies a quantized
+    # attn_k_b / attn_v_b (Q8_0 here) straight from its blocks
+    if label == "q8_0" and kind == "v2_lite_q":
+        assert model.net.layers[0].attn.wk_b is not None
+    cache = model.new_cache(max_len=len(IDS))
+    model.forward(torch.tensor([IDS[:-3]]), 0, cache)
+    for pos in range(len(IDS) - 3, len(IDS)):
+        step = model.forward(torch.tensor([[IDS[pos]]]), pos, cache)[0, -1].numpy()
+        _close(step, ours[pos], rel=1e-5)
     reference = gu.llama_logits(deq, IDS)
     same_weights = _close(ours, reference)
     assert np.array_equal(ours.argmax(-1), reference.argmax(-1))  # the same greedy tokens
