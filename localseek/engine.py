@@ -48,7 +48,8 @@ def load(
         exact: float32 activations on exactly dequantised weights (the conformance mode).
         **options: ctx (context length in tokens), progress (show a loading bar); offload:
             gpu_mem and ram (budgets, bytes or "24GiB"), stats (a `localseek profile` file),
-            policy ("lru", "lfu", "static"), prefetch (bool), readers (disk reader threads).
+            policy ("lru", "lfu", "static"), prefetch (bool), readers (disk reader threads),
+            disk_io ("plain", "uncached": nothing read stays in the page cache, "direct").
     Returns:
         A ready Model.
     """
@@ -72,6 +73,7 @@ def plan_placement(
     ctx: int,
     dtype: torch.dtype = torch.float32,
     stats: str | Path | None = None,
+    disk_io: str = "plain",
 ) -> tuple[Plan, ExpertSource]:
     """The placement of ``ckpt`` under the budgets (see ``offload.plan.make_plan``), and the
     expert source it was sized from (the caller closes it).
@@ -81,7 +83,7 @@ def plan_placement(
     """
     cfg = ckpt.config
     fixed = {n: s for n, s in expected_shapes(cfg).items() if _EXPERT not in n}
-    source = ExpertSource(ckpt, cfg.moe_layers, dtype)
+    source = ExpertSource(ckpt, cfg.moe_layers, dtype, disk_io)
     try:
         sizes = {n: _kept_nbytes(ckpt, n, s, dtype) for n, s in fixed.items()}
         for layer, spec in source.specs.items():  # an expert's bytes as its slots hold them
@@ -171,7 +173,7 @@ class Model:
         shapes = expected_shapes(cfg)
         fixed = {n: s for n, s in shapes.items() if _EXPERT not in n}
         plan, source = plan_placement(
-            ckpt, opts.gpu_mem, opts.ram, self.ctx, opts.dtype, opts.stats
+            ckpt, opts.gpu_mem, opts.ram, self.ctx, opts.dtype, opts.stats, opts.disk_io
         )
         try:
             host = plan.ram_bytes

@@ -19,7 +19,7 @@ from localseek.demo import _TINY_CONFIG, build_tiny_model, random_state
 from localseek.errors import LocalseekError
 from localseek.gguf_writer import write_gguf
 from localseek.offload.cache import make_policy
-from localseek.offload.store import ExpertSource, SlotPool
+from localseek.offload.store import DISK_IO, ExpertSource, SlotPool
 
 PROMPT = list(range(2, 14))
 N_NEW = 12
@@ -181,6 +181,30 @@ def test_prefetch_off_keeps_the_output_and_predicts_nothing(files) -> None:
     assert list(gen) == want
     assert gen.stats.offload.prefetch_loads == 0 and gen.stats.offload.recall() is None
     model.close()
+
+
+def test_every_expert_reads_the_same_bytes_whichever_way_it_is_read(files) -> None:
+    import torch
+
+    with open_checkpoint(files["q4_k_m"]) as ck:
+        cfg = ck.config
+        try:
+            sources = [ExpertSource(ck, cfg.moe_layers, torch.float32, m) for m in DISK_IO]
+        except LocalseekError as e:
+            pytest.skip(str(e))
+        for layer in cfg.moe_layers:
+            spec = sources[0].specs[layer]
+            for e in range(cfg.n_routed_experts):
+                got = []
+                for src in sources:
+                    out = [np.full((p.shape[0], p.row_bytes), 0xAA, np.uint8) for p in spec]
+                    scales = [np.zeros(p.scale_shape, np.float32) for p in spec]
+                    assert src.read(layer, e, out, scales) == sum(p.nbytes for p in spec)
+                    got.append(out)
+                for out in got[1:]:
+                    assert all(np.array_equal(a, b) for a, b in zip(got[0], out, strict=True))
+        for src in sources:
+            src.close()
 
 
 def test_a_budget_that_cannot_hold_the_fixed_part_is_refused_before_loading(files) -> None:

@@ -9,6 +9,7 @@ exactly as on a whole GGUF stack, with slot ids in place of expert ids.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,11 @@ from localseek.quant.cpu_kernels import KERNEL_FORMATS, block_size, raw_bytes
 from localseek.quant.fp8 import FP8_QTYPE
 
 PROJECTIONS = ("w1", "w2", "w3")
+# how the disk tier reads: plain preadv (the OS page cache keeps what was read), plain preadv
+# then POSIX_FADV_DONTNEED on the range (nothing stays cached: the disk is read each time, as
+# for a model larger than RAM), or O_DIRECT through aligned bounce buffers
+DISK_IO = ("plain", "uncached", "direct")
+_ALIGN = 4096  # O_DIRECT offset, length and buffer alignment
 _DENSE = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
@@ -90,9 +96,15 @@ class ExpertSource:
     then stays open for the model's lifetime.
     """
 
-    def __init__(self, ckpt: Checkpoint, layers: list[int], dtype: torch.dtype):
+    def __init__(
+        self, ckpt: Checkpoint, layers: list[int], dtype: torch.dtype, disk_io: str = "plain"
+    ):
+        if disk_io not in DISK_IO:
+            raise LocalseekError(f"disk_io {disk_io!r} is not one of {', '.join(DISK_IO)}.")
         self.ckpt = ckpt
         self.dtype = dtype
+        self.disk_io = disk_io
+        self._bounce = threading.local()  # per reader thread: an aligned buffer for O_DIRECT
         self.specs: dict[int, LayerSpec] = {}
         self._ranges: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, proj) -> fd, offset
         self._fds: dict[Path, int] = {}
@@ -109,7 +121,7 @@ class ExpertSource:
                     if nbytes != spec.nbytes:
                         raise LocalseekError(f"{path}: expert {name} is not {spec.nbytes} bytes.")
                     if path not in self._fds:
-                        self._fds[path] = os.open(path, os.O_RDONLY)
+                        self._fds[path] = self._open(path)
                     self._ranges[(layer, p)] = (self._fds[path], offset)
                 else:  # read through the checkpoint, converted as the dense weights are
                     w = ckpt.tensor(name, dtype)
@@ -133,15 +145,12 @@ class ExpertSource:
             if where is not None:
                 fd, base = where
                 offset = base + expert * spec.nbytes
-                done = 0
-                while done < spec.nbytes:
-                    n = os.preadv(fd, [memoryview(dst[done:])], offset + done)
-                    if n <= 0:
-                        raise LocalseekError(
-                            f"{self.ckpt.path}: expert {expert} of layer {layer} could not be "
-                            "read (file truncated?)."
-                        )
-                    done += n
+                if self.disk_io == "direct":
+                    self._read_direct(fd, offset, dst, layer, expert)
+                else:
+                    _read_fully(fd, offset, memoryview(dst), self._truncated(layer, expert))
+                    if self.disk_io == "uncached":
+                        os.posix_fadvise(fd, offset, spec.nbytes, os.POSIX_FADV_DONTNEED)
             else:
                 w = self.ckpt.tensor(f"layers.{layer}.ffn.experts.{expert}.{proj}", self.dtype)
                 if isinstance(w, QTensor):
@@ -153,10 +162,56 @@ class ExpertSource:
             total += spec.nbytes
         return total
 
+    def _open(self, path: Path) -> int:
+        if self.disk_io != "direct":
+            return os.open(path, os.O_RDONLY)
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            raise LocalseekError(
+                f"{path}: cannot be opened for O_DIRECT reads ({e.strerror})."
+            ) from None
+
+    def _truncated(self, layer: int, expert: int) -> str:
+        return (
+            f"{self.ckpt.path}: expert {expert} of layer {layer} could not be read "
+            "(file truncated?)."
+        )
+
+    def _read_direct(self, fd: int, offset: int, dst: np.ndarray, layer: int, expert: int) -> None:
+        """O_DIRECT wants aligned offsets, lengths and buffers: read the aligned pages around
+        the range into this thread's bounce buffer, then copy the range out."""
+        start = offset // _ALIGN * _ALIGN
+        length = -(-(offset + dst.nbytes - start) // _ALIGN) * _ALIGN
+        buf = getattr(self._bounce, "buf", None)
+        if buf is None or len(buf) < length:
+            if buf is not None:
+                buf.close()
+            buf = self._bounce.buf = mmap.mmap(-1, length)  # page-aligned anonymous memory
+        view = memoryview(buf)[:length]
+        # the last pages may lie past the end of the file: a short read is fine beyond the range
+        _read_fully(
+            fd, start, view, self._truncated(layer, expert), need=offset + dst.nbytes - start
+        )
+        lo = offset - start
+        dst[:] = np.frombuffer(buf, dtype=np.uint8, count=dst.nbytes, offset=lo)
+        view.release()
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _read_fully(fd: int, offset: int, buf: memoryview, error: str, need: int | None = None) -> None:
+    """preadv until ``need`` bytes (all of ``buf`` by default) are in ``buf``."""
+    need = len(buf) if need is None else need
+    done = 0
+    while done < need:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise LocalseekError(error)
+        done += n
 
 
 class SlotPool:
