@@ -183,6 +183,118 @@ def test_prefetch_off_keeps_the_output_and_predicts_nothing(files) -> None:
     model.close()
 
 
+@pytest.mark.parametrize("disk_io", ["uncached", "direct"])
+def test_disk_reads_that_bypass_the_page_cache_keep_the_output(files, disk_io) -> None:
+    # direct: O_DIRECT through aligned bounce buffers (expert ranges are not page-aligned in a
+    # GGUF, and the last one's pages run past the end of the file); uncached: dropped after
+    want = _reference(files["q8_0"])
+    try:
+        model, _ = _budgets(files["q8_0"], gpu_experts=2, ram_experts=10, disk_io=disk_io)
+    except LocalseekError as e:
+        pytest.skip(str(e))  # a filesystem without O_DIRECT (tmpfs)
+    assert model.experts.source.disk_io == disk_io
+    gen = model.generate(PROMPT, N_NEW)
+    assert list(gen) == want
+    assert gen.stats.offload.disk_loads > 0
+    model.close()
+
+
+def test_slow_prefetches_holding_every_slot_only_stall(files, monkeypatch) -> None:
+    # the smallest RAM, reads slowed down: a layer can find every slot taken by prefetches
+    # still queued or in flight; it cancels or waits for them, never fails
+    want = _reference(files["q8_0"])
+    slow = ExpertSource.read
+
+    def read(self, *a):
+        time.sleep(0.03)
+        return slow(self, *a)
+
+    monkeypatch.setattr(ExpertSource, "read", read)
+    k = _TINY_CONFIG["num_experts_per_tok"]
+    n_moe = len(range(_TINY_CONFIG["first_k_dense_replace"], _TINY_CONFIG["num_hidden_layers"]))
+    model, _ = _budgets(files["q8_0"], gpu_experts=0, ram_experts=k * n_moe)
+    gen = model.generate(PROMPT, N_NEW)
+    assert list(gen) == want
+    s = gen.stats.offload
+    assert s.prefetch_loads > 0 and s.stall_seconds > 0
+    model.close()
+
+
+@pytest.mark.parametrize("readers", [1, 4])
+def test_a_layer_whose_slots_all_hold_wrong_prefetches_still_computes(files, readers) -> None:
+    # every RAM slot of a layer is being filled by a prefetch of experts the layer then does
+    # not choose: queued ones are cancelled, running ones waited for, and the result is exact
+    import torch
+
+    slow = ExpertSource.read
+    ref = localseek.load(files["q8_0"], exact=True, ctx=64)
+    k = _TINY_CONFIG["num_experts_per_tok"]
+    model, _ = _budgets(files["q8_0"], gpu_experts=0, ram_experts=2 * k, readers=readers)
+    experts = model.experts
+    layer = model.config.moe_layers[0]
+    ram = experts.ram[layer]
+    assert ram.slots == k
+    wrong = [e for e in range(model.config.n_routed_experts) if e not in ram.slot_of][:k]
+    needed = [e for e in range(model.config.n_routed_experts) if e not in wrong][-k:]
+
+    def read(self, *a):
+        time.sleep(0.1)
+        return slow(self, *a)
+
+    ExpertSource.read = read
+    try:
+        experts._prefetch(layer, wrong)
+        assert len(ram.loading) == k and set(ram.slot_of) == set(wrong)
+        x = torch.randn(1, model.config.hidden_size)
+        ids = torch.tensor([needed])
+        w = torch.full((1, k), 1.0 / k)
+        got = experts(layer, x, ids, w)
+    finally:
+        ExpertSource.read = slow
+    want = ref.experts(layer, x, ids, w)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    s = experts.stats
+    assert s.disk_loads >= k and s.stall_seconds > 0
+    if readers == 1:  # the prefetches still queued behind the first were dropped
+        assert s.prefetch_cancelled > 0
+    model.close()
+
+
+def test_reads_the_forward_waits_for_go_before_prefetches() -> None:
+    import threading
+
+    from localseek.offload.store import Readers
+
+    order, gate = [], threading.Event()
+
+    class Source:
+        def read(self, layer, expert, out, scales):
+            gate.wait()
+            order.append(expert)
+            return 1
+
+        def close(self):
+            pass
+
+    class Pool:
+        def host_views(self, slot):
+            return [], []
+
+    readers, pool = Readers(Source(), threads=1), Pool()
+    first = readers.submit(0, 0, pool, 0)  # taken by the one thread, held at the gate
+    while not first.running():
+        time.sleep(0.001)
+    pre = [readers.submit(0, e, pool, e, urgent=False) for e in (1, 2, 3, 4)]
+    need = readers.submit(0, 5, pool, 5)
+    readers.hurry(pre[2])  # a prefetch the forward now waits for
+    assert readers.cancel(pre[3]) and pre[3].cancelled()
+    gate.set()
+    need.result()
+    readers.close()
+    assert order == [0, 3, 5, 1, 2]  # urgent ones in the order they were asked for
+    assert not readers.cancel(pre[0])  # done: too late to cancel
+
+
 def test_every_expert_reads_the_same_bytes_whichever_way_it_is_read(files) -> None:
     import torch
 

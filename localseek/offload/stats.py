@@ -28,6 +28,8 @@ class OffloadStats:
     disk_bytes: int = 0
     prefetch_loads: int = 0
     prefetch_bytes: int = 0
+    prefetch_late: int = 0  # uses whose prefetch was still being read (waited for: a stall)
+    prefetch_cancelled: int = 0  # queued prefetches dropped: their layer chose other experts
     promotions: int = 0  # misses copied into the GPU cache (prefetches included)
     gpu_prefetches: int = 0  # predicted experts copied RAM -> GPU ahead of need
     stall_seconds: float = 0.0

@@ -9,11 +9,13 @@ exactly as on a whole GGUF stack, with slot ids in place of expert ids.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import mmap
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -308,14 +310,90 @@ class SlotPool:
             self.policy.reset(slot)
 
 
+@dataclass(order=True)
+class _Read:
+    priority: int
+    seq: int
+    args: tuple = field(compare=False)
+    future: Future = field(compare=False)
+    taken: bool = field(default=False, compare=False)
+
+
 class Readers:
-    """A pool of reader threads filling slots from an ExpertSource; counts bytes read."""
+    """Reader threads filling slots from an ExpertSource, most urgent first.
+
+    A read the forward is about to wait for (``urgent``) goes before every prefetch still
+    queued, and a queued prefetch that becomes needed is moved up with ``hurry``; prefetches
+    go in the order they were asked for (best guess first). A queued read can be cancelled.
+    Counts the bytes read.
+    """
 
     def __init__(self, source: ExpertSource, threads: int = 4):
         self.source = source
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-reader")
         self.lock = threading.Lock()
         self.bytes_read = 0
+        self._queue: list[_Read] = []
+        self._reads: dict[Future, _Read] = {}
+        self._seq = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"expert-reader-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(
+        self, layer: int, expert: int, pool: SlotPool, slot: int, urgent: bool = True
+    ) -> Future:
+        """Queue a read of ``expert`` of ``layer`` into ``pool``'s ``slot``."""
+        read = _Read(0 if urgent else 1, next(self._seq), (layer, expert, pool, slot), Future())
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the expert readers are closed")
+            self._reads[read.future] = read
+            heapq.heappush(self._queue, read)
+            self._wake.notify()
+        return read.future
+
+    def hurry(self, future: Future) -> None:
+        """Move a queued read ahead of every prefetch (a no-op once it has started)."""
+        with self._wake:
+            read = self._reads.get(future)
+            if read is None or read.taken or read.priority == 0:
+                return
+            read.priority = 0
+            heapq.heapify(self._queue)
+
+    def cancel(self, future: Future) -> bool:
+        """Drop a read that has not started; False when it is running or done."""
+        with self._wake:
+            read = self._reads.get(future)
+            if read is None or read.taken:
+                return False
+            self._queue.remove(read)
+            heapq.heapify(self._queue)
+            del self._reads[future]
+        future.cancel()
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                read = heapq.heappop(self._queue)
+                read.taken = True
+                del self._reads[read.future]
+            if not read.future.set_running_or_notify_cancel():
+                continue
+            try:
+                read.future.set_result(self._read(*read.args))
+            except BaseException as e:
+                read.future.set_exception(e)
 
     def _read(self, layer: int, expert: int, pool: SlotPool, slot: int) -> int:
         out, scales = pool.host_views(slot)
@@ -324,9 +402,10 @@ class Readers:
             self.bytes_read += n
         return n
 
-    def submit(self, layer: int, expert: int, pool: SlotPool, slot: int) -> Future:
-        return self.pool.submit(self._read, layer, expert, pool, slot)
-
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        for t in self._threads:
+            t.join()
         self.source.close()
