@@ -212,6 +212,12 @@ class Model:
             moe = self.net.layers[layer].ffn
             routers[layer] = (moe.gate, moe.bias)
         self.experts.attach_routers(routers)
+        first = cfg.moe_layers[0] if cfg.moe_layers else 0
+        if first > 0:  # the first MoE layer's experts, predicted from the dense layer before it
+            experts = self.experts
+            self.net.layers[first - 1].ffn.register_forward_pre_hook(
+                lambda _module, args: experts.predict(first, args[0])
+            )
 
     @property
     def offload_stats(self) -> OffloadStats | None:

@@ -171,6 +171,8 @@ def test_a_late_prefetch_is_only_a_stall(files, monkeypatch) -> None:
     s = gen.stats.offload
     assert s.prefetch_loads > 0 and s.stall_seconds > 0
     assert s.recall() is not None and 0 < s.recall() <= 1 and 0 < s.precision() <= 1
+    # every MoE layer is predicted: the first from the dense layer before it
+    assert sorted(s.predictor) == model.config.moe_layers
     model.close()
 
 
