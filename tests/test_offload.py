@@ -146,6 +146,7 @@ def test_an_expert_in_use_is_never_evicted(files) -> None:
 def test_pinned_slots_are_not_given_up() -> None:
     pool = SlotPool.__new__(SlotPool)  # bookkeeping only, no buffers
     pool.slots, pool.policy, pool.predicted, pool.evictions = 2, make_policy("lru", 2), set(), 0
+    pool.prefetched = set()
     pool.expert = np.array([5, 7])
     pool.slot_of = {5: 0, 7: 1}
     pool.loading, pool.pins = {}, np.array([1, 1])
@@ -295,6 +296,23 @@ def test_reads_the_forward_waits_for_go_before_prefetches() -> None:
     readers.close()
     assert order == [0, 3, 5, 1, 2]  # urgent ones in the order they were asked for
     assert not readers.cancel(pre[0])  # done: too late to cancel
+
+
+def test_ranks_whose_guesses_rarely_come_true_are_not_read(files) -> None:
+    import torch
+
+    from localseek.offload.predictor import NextLayerPredictor
+
+    with open_checkpoint(files["q8_0"]) as ck:
+        cfg = ck.config
+    E, D, k = cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok
+    pred = NextLayerPredictor(cfg, {1: (torch.randn(E, D), None), 2: (torch.randn(E, D), None)})
+    named = pred.predict(2, torch.randn(1, D))
+    assert len(named) == pred.k and all(pred.worth_reading(2, r) for r in range(pred.k))
+    for _ in range(20):  # of the experts on disk, those at the top k ranks are chosen
+        pred.score(2, list(enumerate(named)), named[:k])
+    assert [r for r in range(pred.k) if pred.worth_reading(2, r)] == list(range(k))
+    assert all(pred.worth_reading(1, r) for r in range(pred.k))  # counted per layer
 
 
 def test_every_expert_reads_the_same_bytes_whichever_way_it_is_read(files) -> None:

@@ -253,6 +253,7 @@ class SlotPool:
         self.loading: dict[int, Future] = {}  # slot -> read in flight
         self.pins = np.zeros(slots, dtype=np.int64)
         self.predicted: set[int] = set()  # experts the predictor expects next (kept if possible)
+        self.prefetched: set[int] = set()  # experts read ahead and not used yet
         self.evictions = 0
 
     @property
@@ -298,6 +299,7 @@ class SlotPool:
         if self.pins[slot]:
             raise AssertionError(f"slot {slot} holds expert {self.expert[slot]} in use")
         del self.slot_of[int(self.expert[slot])]
+        self.prefetched.discard(int(self.expert[slot]))
         self.expert[slot] = -1
         self.evictions += 1
 

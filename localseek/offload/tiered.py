@@ -71,7 +71,8 @@ class TieredExperts:
         self.stats = OffloadStats()
         self.readers = Readers(source, readers)
         self.predictor: NextLayerPredictor | None = None
-        self._predicted: dict[int, list[int]] = {}
+        # layer -> (named, (rank, expert) of those neither tier held, for one token)
+        self._predicted: dict[int, tuple[list[int], list[tuple[int, int]] | None]] = {}
         self.first_layer = cfg.moe_layers[0] if cfg.moe_layers else -1
         pin = device.type == "cuda"
         ram_policy = "lru" if policy == "static" else policy
@@ -230,6 +231,9 @@ class TieredExperts:
                 s = ram.resident(e)
                 if s is None:
                     continue
+                if e in ram.prefetched:
+                    ram.prefetched.discard(e)
+                    st.prefetch_used += 1
                 if ram.ready(s):
                     st.ram_hits += 1
                 else:  # a prefetch not yet arrived: it is waited for, never used half-read
@@ -316,8 +320,10 @@ class TieredExperts:
         pred = self.predictor
         if pred is None:
             return
-        named = self._predicted.pop(layer, None)
+        named, absent = self._predicted.pop(layer, (None, None))
         if named is not None:
+            if absent is not None:
+                pred.score(layer, absent, used)
             hit = len(set(used) & set(named))
             counts = self.stats.predictor.setdefault(layer, [0, 0, 0])
             counts[0] += hit
@@ -341,23 +347,35 @@ class TieredExperts:
         predictor. The engine calls it for the first MoE layer from the dense layer before."""
         if self.predictor is None:
             return
-        named = self.predictor.predict(layer, x.reshape(-1, x.shape[-1]))
-        self._predicted[layer] = named
-        self._prefetch(layer, named)
+        xs = x.reshape(-1, x.shape[-1])  # (N, hidden)
+        named = self.predictor.predict(layer, xs)
+        gpu, ram = self.gpu[layer], self.ram[layer]
+        absent = [
+            (r, e) for r, e in enumerate(named) if e not in gpu.slot_of and e not in ram.slot_of
+        ]
+        if xs.shape[0] == 1:  # one token: read only ranks where such guesses pay
+            read = [e for r, e in absent if self.predictor.worth_reading(layer, r)]
+            self._predicted[layer] = (named, absent)
+        else:  # several (a prefill): most experts are used, read all named
+            read = [e for _, e in absent]
+            self._predicted[layer] = (named, None)
+        self._prefetch(layer, named, read)
 
-    def _prefetch(self, layer: int, named: list[int]) -> None:
-        """Start reading the named experts of ``layer`` that neither tier holds."""
+    def _prefetch(self, layer: int, named: list[int], read: list[int] | None = None) -> None:
+        """Keep the named experts of ``layer`` from eviction and start reading those of
+        ``read`` (default: all named) that neither tier holds."""
         gpu, ram = self.gpu[layer], self.ram[layer]
         keep = set(named)
         gpu.predicted = ram.predicted = keep
         nbytes = self._bytes[layer]
-        for e in named:
+        for e in named if read is None else read:
             if e in gpu.slot_of or e in ram.slot_of:
                 continue
             s = ram.take_slot(protect=keep)
             if s is None:
                 break
             ram.assign(s, e, self.readers.submit(layer, e, ram, s, urgent=False))
+            ram.prefetched.add(e)
             self.stats.prefetch_loads += 1
             self.stats.prefetch_bytes += nbytes
             self.stats.disk_bytes += nbytes
