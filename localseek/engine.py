@@ -49,7 +49,8 @@ def load(
         **options: ctx (context length in tokens), progress (show a loading bar); offload:
             gpu_mem and ram (budgets, bytes or "24GiB"), stats (a `localseek profile` file),
             policy ("lru", "lfu", "static"), prefetch (bool), readers (disk reader threads),
-            disk_io ("plain", "uncached": nothing read stays in the page cache, "direct").
+            disk_io ("auto": O_DIRECT for files larger than RAM, else "plain"; "uncached":
+            plain, dropped from the page cache after reading; "direct").
     Returns:
         A ready Model.
     """
@@ -73,7 +74,7 @@ def plan_placement(
     ctx: int,
     dtype: torch.dtype = torch.float32,
     stats: str | Path | None = None,
-    disk_io: str = "plain",
+    disk_io: str = "auto",
 ) -> tuple[Plan, ExpertSource]:
     """The placement of ``ckpt`` under the budgets (see ``offload.plan.make_plan``), and the
     expert source it was sized from (the caller closes it).

@@ -20,7 +20,7 @@ KNOWN_OPTIONS: dict[str, Any] = {
     "policy": "lru",  # GPU expert-cache policy: lru, lfu (with decay) or static (hot set)
     "prefetch": True,  # predict the next layer's experts and read them ahead
     "readers": 4,  # disk reader threads
-    "disk_io": "plain",  # plain reads, "uncached" (dropped from the page cache) or "direct"
+    "disk_io": "auto",  # O_DIRECT for files larger than RAM, else plain; or plain/uncached/direct
 }
 DEFAULT_CTX = 4096
 
@@ -39,7 +39,7 @@ class RuntimeOptions:
     policy: str = "lru"
     prefetch: bool = True
     readers: int = 4
-    disk_io: str = "plain"
+    disk_io: str = "auto"
 
     @property
     def offload(self) -> bool:

@@ -315,6 +315,22 @@ def test_ranks_whose_guesses_rarely_come_true_are_not_read(files) -> None:
     assert all(pred.worth_reading(1, r) for r in range(pred.k))  # counted per layer
 
 
+def test_auto_reads_files_larger_than_ram_with_o_direct(files, monkeypatch) -> None:
+    import torch
+
+    from localseek.offload import store
+
+    with open_checkpoint(files["q8_0"]) as ck:
+        src = ExpertSource(ck, ck.config.moe_layers, torch.float32)
+        assert src.disk_io == "plain"  # the file fits in RAM: the page cache may serve it
+        src.close()
+        monkeypatch.setattr(store, "_ram_bytes", lambda: 1024)
+        src = ExpertSource(ck, ck.config.moe_layers, torch.float32)
+        want = "direct" if store._direct_ok(files["q8_0"]) else "plain"
+        assert src.disk_io == want
+        src.close()
+
+
 def test_every_expert_reads_the_same_bytes_whichever_way_it_is_read(files) -> None:
     import torch
 

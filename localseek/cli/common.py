@@ -95,10 +95,10 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--disk-io",
-        default="plain",
-        choices=["plain", "uncached", "direct"],
-        help="how experts are read from disk: plain reads, plain reads dropped from the page "
-        "cache after reading (uncached), or O_DIRECT",
+        default="auto",
+        choices=["auto", "plain", "uncached", "direct"],
+        help="how experts are read from disk: O_DIRECT (direct) for files larger than RAM and "
+        "plain reads otherwise (auto), or plain reads dropped from the page cache (uncached)",
     )
 
 

@@ -31,8 +31,11 @@ from localseek.quant.fp8 import FP8_QTYPE
 PROJECTIONS = ("w1", "w2", "w3")
 # how the disk tier reads: plain preadv (the OS page cache keeps what was read), plain preadv
 # then POSIX_FADV_DONTNEED on the range (nothing stays cached: the disk is read each time, as
-# for a model larger than RAM), or O_DIRECT through aligned bounce buffers
-DISK_IO = ("plain", "uncached", "direct")
+# for a model larger than RAM), O_DIRECT through aligned bounce buffers, or auto: O_DIRECT when
+# the files are larger than RAM (the page cache cannot hold them, and from the disk O_DIRECT
+# measured faster than plain reads here: benchmarks/results/disk_stall-io-2026-12-02.json),
+# plain otherwise (a plain read of cached pages is a memory copy) or where O_DIRECT is refused
+DISK_IO = ("auto", "plain", "uncached", "direct")
 _ALIGN = 4096  # O_DIRECT offset, length and buffer alignment
 _DENSE = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -99,7 +102,7 @@ class ExpertSource:
     """
 
     def __init__(
-        self, ckpt: Checkpoint, layers: list[int], dtype: torch.dtype, disk_io: str = "plain"
+        self, ckpt: Checkpoint, layers: list[int], dtype: torch.dtype, disk_io: str = "auto"
     ):
         if disk_io not in DISK_IO:
             raise LocalseekError(f"disk_io {disk_io!r} is not one of {', '.join(DISK_IO)}.")
@@ -110,6 +113,7 @@ class ExpertSource:
         self.specs: dict[int, LayerSpec] = {}
         self._ranges: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, proj) -> fd, offset
         self._fds: dict[Path, int] = {}
+        where: dict[tuple[int, int], tuple[Path, int]] = {}
         file_range = getattr(ckpt, "expert_file_range", None)
         for layer in layers:
             specs = []
@@ -122,14 +126,20 @@ class ExpertSource:
                     spec = ProjectionSpec.of(w)
                     if nbytes != spec.nbytes:
                         raise LocalseekError(f"{path}: expert {name} is not {spec.nbytes} bytes.")
-                    if path not in self._fds:
-                        self._fds[path] = self._open(path)
-                    self._ranges[(layer, p)] = (self._fds[path], offset)
+                    where[(layer, p)] = (Path(path), offset)
                 else:  # read through the checkpoint, converted as the dense weights are
                     w = ckpt.tensor(name, dtype)
                     spec = ProjectionSpec.of(w)
                 specs.append(spec)
             self.specs[layer] = tuple(specs)  # type: ignore[assignment]
+        paths = sorted({path for path, _ in where.values()})
+        if disk_io == "auto":
+            larger = sum(os.path.getsize(p) for p in paths) > _ram_bytes()
+            self.disk_io = "direct" if larger and all(_direct_ok(p) for p in paths) else "plain"
+        for key, (path, offset) in where.items():
+            if path not in self._fds:
+                self._fds[path] = self._open(path)
+            self._ranges[key] = (self._fds[path], offset)
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -203,6 +213,20 @@ class ExpertSource:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _ram_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def _direct_ok(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
 
 
 def _read_fully(fd: int, offset: int, buf: memoryview, error: str, need: int | None = None) -> None:
