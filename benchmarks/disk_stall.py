@@ -201,7 +201,9 @@ def main() -> int:
     ap.add_argument("--ram", default="512MiB")
     ap.add_argument("-n", type=int, default=32, help="tokens to generate per run")
     ap.add_argument("--pairs", type=int, default=4, help="on/off pairs, alternating")
-    ap.add_argument("--disk-io", default="uncached", choices=["plain", "uncached", "direct"])
+    ap.add_argument(
+        "--disk-io", default="uncached", choices=["auto", "plain", "uncached", "direct"]
+    )
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument(
         "--min-precision", type=float, default=None, help="the predictor's (default: its own)"
