@@ -49,7 +49,9 @@ def load(
         exact: float32 activations on exactly dequantised weights (the conformance mode).
         **options: ctx (context length in tokens), progress (show a loading bar); offload:
             gpu_mem and ram (budgets, bytes or "24GiB"), stats (a `localseek profile` file),
-            policy ("lru", "lfu", "static"), prefetch (bool), readers (disk reader threads).
+            policy ("lru", "lfu", "static"), prefetch (bool), readers (disk reader threads),
+            disk_io ("auto": O_DIRECT for files larger than RAM, else "plain"; "uncached":
+            plain, dropped from the page cache after reading; "direct").
     Returns:
         A ready Model.
     """
@@ -73,6 +75,7 @@ def plan_placement(
     ctx: int,
     dtype: torch.dtype = torch.float32,
     stats: str | Path | None = None,
+    disk_io: str = "auto",
 ) -> tuple[Plan, ExpertSource]:
     """The placement of ``ckpt`` under the budgets (see ``offload.plan.make_plan``), and the
     expert source it was sized from (the caller closes it).
@@ -84,7 +87,7 @@ def plan_placement(
     fixed = {n: s for n, s in expected_shapes(cfg).items() if _EXPERT not in n}
     have = set(ckpt.names())
     fixed.update({n: s for n, s in optional_shapes(cfg).items() if n in have})
-    source = ExpertSource(ckpt, cfg.moe_layers, dtype)
+    source = ExpertSource(ckpt, cfg.moe_layers, dtype, disk_io)
     try:
         sizes = {n: _kept_nbytes(ckpt, n, s, dtype) for n, s in fixed.items()}
         for layer, spec in source.specs.items():  # an expert's bytes as its slots hold them
@@ -174,7 +177,7 @@ class Model:
         shapes = expected_shapes(cfg)
         fixed = {n: s for n, s in shapes.items() if _EXPERT not in n}
         plan, source = plan_placement(
-            ckpt, opts.gpu_mem, opts.ram, self.ctx, opts.dtype, opts.stats
+            ckpt, opts.gpu_mem, opts.ram, self.ctx, opts.dtype, opts.stats, opts.disk_io
         )
         try:
             host = plan.ram_bytes
@@ -213,6 +216,12 @@ class Model:
             moe = self.net.layers[layer].ffn
             routers[layer] = (moe.gate, moe.bias)
         self.experts.attach_routers(routers)
+        first = cfg.moe_layers[0] if cfg.moe_layers else 0
+        if first > 0:  # the first MoE layer's experts, predicted from the dense layer before it
+            experts = self.experts
+            self.net.layers[first - 1].ffn.register_forward_pre_hook(
+                lambda _module, args: experts.predict(first, args[0])
+            )
 
     @property
     def offload_stats(self) -> OffloadStats | None:

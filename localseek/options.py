@@ -20,6 +20,7 @@ KNOWN_OPTIONS: dict[str, Any] = {
     "policy": "lru",  # GPU expert-cache policy: lru, lfu (with decay) or static (hot set)
     "prefetch": True,  # predict the next layer's experts and read them ahead
     "readers": 4,  # disk reader threads
+    "disk_io": "auto",  # O_DIRECT for files larger than RAM, else plain; or plain/uncached/direct
 }
 DEFAULT_CTX = 4096
 
@@ -38,6 +39,7 @@ class RuntimeOptions:
     policy: str = "lru"
     prefetch: bool = True
     readers: int = 4
+    disk_io: str = "auto"
 
     @property
     def offload(self) -> bool:
@@ -92,6 +94,12 @@ class RuntimeOptions:
         readers = merged["readers"]
         if not isinstance(readers, int) or readers < 1:
             raise LocalseekError(f"readers must be a positive integer, got {readers!r}.")
+        from localseek.offload.store import DISK_IO
+
+        if merged["disk_io"] not in DISK_IO:
+            raise LocalseekError(
+                f"disk_io {merged['disk_io']!r} is not a way to read ({', '.join(DISK_IO)})."
+            )
         return cls(
             dev,
             dt,
@@ -105,6 +113,7 @@ class RuntimeOptions:
             merged["policy"],
             bool(merged["prefetch"]),
             readers,
+            merged["disk_io"],
         )
 
 

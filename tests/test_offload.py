@@ -19,7 +19,7 @@ from localseek.demo import _TINY_CONFIG, build_tiny_model, random_state
 from localseek.errors import LocalseekError
 from localseek.gguf_writer import write_gguf
 from localseek.offload.cache import make_policy
-from localseek.offload.store import ExpertSource, SlotPool
+from localseek.offload.store import DISK_IO, ExpertSource, SlotPool
 
 PROMPT = list(range(2, 14))
 N_NEW = 12
@@ -146,6 +146,7 @@ def test_an_expert_in_use_is_never_evicted(files) -> None:
 def test_pinned_slots_are_not_given_up() -> None:
     pool = SlotPool.__new__(SlotPool)  # bookkeeping only, no buffers
     pool.slots, pool.policy, pool.predicted, pool.evictions = 2, make_policy("lru", 2), set(), 0
+    pool.prefetched = set()
     pool.expert = np.array([5, 7])
     pool.slot_of = {5: 0, 7: 1}
     pool.loading, pool.pins = {}, np.array([1, 1])
@@ -171,6 +172,8 @@ def test_a_late_prefetch_is_only_a_stall(files, monkeypatch) -> None:
     s = gen.stats.offload
     assert s.prefetch_loads > 0 and s.stall_seconds > 0
     assert s.recall() is not None and 0 < s.recall() <= 1 and 0 < s.precision() <= 1
+    # every MoE layer is predicted: the first from the dense layer before it
+    assert sorted(s.predictor) == model.config.moe_layers
     model.close()
 
 
@@ -181,6 +184,175 @@ def test_prefetch_off_keeps_the_output_and_predicts_nothing(files) -> None:
     assert list(gen) == want
     assert gen.stats.offload.prefetch_loads == 0 and gen.stats.offload.recall() is None
     model.close()
+
+
+@pytest.mark.parametrize("disk_io", ["uncached", "direct"])
+def test_disk_reads_that_bypass_the_page_cache_keep_the_output(files, disk_io) -> None:
+    # direct: O_DIRECT through aligned bounce buffers (expert ranges are not page-aligned in a
+    # GGUF, and the last one's pages run past the end of the file); uncached: dropped after
+    want = _reference(files["q8_0"])
+    try:
+        model, _ = _budgets(files["q8_0"], gpu_experts=2, ram_experts=10, disk_io=disk_io)
+    except LocalseekError as e:
+        pytest.skip(str(e))  # a filesystem without O_DIRECT (tmpfs)
+    assert model.experts.source.disk_io == disk_io
+    gen = model.generate(PROMPT, N_NEW)
+    assert list(gen) == want
+    assert gen.stats.offload.disk_loads > 0
+    model.close()
+
+
+def test_slow_prefetches_holding_every_slot_only_stall(files, monkeypatch) -> None:
+    # the smallest RAM, reads slowed down: a layer can find every slot taken by prefetches
+    # still queued or in flight; it cancels or waits for them, never fails
+    want = _reference(files["q8_0"])
+    slow = ExpertSource.read
+
+    def read(self, *a):
+        time.sleep(0.03)
+        return slow(self, *a)
+
+    monkeypatch.setattr(ExpertSource, "read", read)
+    k = _TINY_CONFIG["num_experts_per_tok"]
+    n_moe = len(range(_TINY_CONFIG["first_k_dense_replace"], _TINY_CONFIG["num_hidden_layers"]))
+    model, _ = _budgets(files["q8_0"], gpu_experts=0, ram_experts=k * n_moe)
+    gen = model.generate(PROMPT, N_NEW)
+    assert list(gen) == want
+    s = gen.stats.offload
+    assert s.prefetch_loads > 0 and s.stall_seconds > 0
+    model.close()
+
+
+@pytest.mark.parametrize("readers", [1, 4])
+def test_a_layer_whose_slots_all_hold_wrong_prefetches_still_computes(files, readers) -> None:
+    # every RAM slot of a layer is being filled by a prefetch of experts the layer then does
+    # not choose: queued ones are cancelled, running ones waited for, and the result is exact
+    import torch
+
+    slow = ExpertSource.read
+    ref = localseek.load(files["q8_0"], exact=True, ctx=64)
+    k = _TINY_CONFIG["num_experts_per_tok"]
+    model, _ = _budgets(files["q8_0"], gpu_experts=0, ram_experts=2 * k, readers=readers)
+    experts = model.experts
+    layer = model.config.moe_layers[0]
+    ram = experts.ram[layer]
+    assert ram.slots == k
+    wrong = [e for e in range(model.config.n_routed_experts) if e not in ram.slot_of][:k]
+    needed = [e for e in range(model.config.n_routed_experts) if e not in wrong][-k:]
+
+    def read(self, *a):
+        time.sleep(0.1)
+        return slow(self, *a)
+
+    ExpertSource.read = read
+    try:
+        experts._prefetch(layer, wrong)
+        assert len(ram.loading) == k and set(ram.slot_of) == set(wrong)
+        x = torch.randn(1, model.config.hidden_size)
+        ids = torch.tensor([needed])
+        w = torch.full((1, k), 1.0 / k)
+        got = experts(layer, x, ids, w)
+    finally:
+        ExpertSource.read = slow
+    want = ref.experts(layer, x, ids, w)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    s = experts.stats
+    assert s.disk_loads >= k and s.stall_seconds > 0
+    if readers == 1:  # the prefetches still queued behind the first were dropped
+        assert s.prefetch_cancelled > 0
+    model.close()
+
+
+def test_reads_the_forward_waits_for_go_before_prefetches() -> None:
+    import threading
+
+    from localseek.offload.store import Readers
+
+    order, gate = [], threading.Event()
+
+    class Source:
+        def read(self, layer, expert, out, scales):
+            gate.wait()
+            order.append(expert)
+            return 1
+
+        def close(self):
+            pass
+
+    class Pool:
+        def host_views(self, slot):
+            return [], []
+
+    readers, pool = Readers(Source(), threads=1), Pool()
+    first = readers.submit(0, 0, pool, 0)  # taken by the one thread, held at the gate
+    while not first.running():
+        time.sleep(0.001)
+    pre = [readers.submit(0, e, pool, e, urgent=False) for e in (1, 2, 3, 4)]
+    need = readers.submit(0, 5, pool, 5)
+    readers.hurry(pre[2])  # a prefetch the forward now waits for
+    assert readers.cancel(pre[3]) and pre[3].cancelled()
+    gate.set()
+    need.result()
+    readers.close()
+    assert order == [0, 3, 5, 1, 2]  # urgent ones in the order they were asked for
+    assert not readers.cancel(pre[0])  # done: too late to cancel
+
+
+def test_ranks_whose_guesses_rarely_come_true_are_not_read(files) -> None:
+    import torch
+
+    from localseek.offload.predictor import NextLayerPredictor
+
+    with open_checkpoint(files["q8_0"]) as ck:
+        cfg = ck.config
+    E, D, k = cfg.n_routed_experts, cfg.hidden_size, cfg.num_experts_per_tok
+    pred = NextLayerPredictor(cfg, {1: (torch.randn(E, D), None), 2: (torch.randn(E, D), None)})
+    named = pred.predict(2, torch.randn(1, D))
+    assert len(named) == pred.k and all(pred.worth_reading(2, r) for r in range(pred.k))
+    for _ in range(20):  # of the experts on disk, those at the top k ranks are chosen
+        pred.score(2, list(enumerate(named)), named[:k])
+    assert [r for r in range(pred.k) if pred.worth_reading(2, r)] == list(range(k))
+    assert all(pred.worth_reading(1, r) for r in range(pred.k))  # counted per layer
+
+
+def test_auto_reads_files_larger_than_ram_with_o_direct(files, monkeypatch) -> None:
+    import torch
+
+    from localseek.offload import store
+
+    with open_checkpoint(files["q8_0"]) as ck:
+        src = ExpertSource(ck, ck.config.moe_layers, torch.float32)
+        assert src.disk_io == "plain"  # the file fits in RAM: the page cache may serve it
+        src.close()
+        monkeypatch.setattr(store, "_ram_bytes", lambda: 1024)
+        src = ExpertSource(ck, ck.config.moe_layers, torch.float32)
+        want = "direct" if store._direct_ok(files["q8_0"]) else "plain"
+        assert src.disk_io == want
+        src.close()
+
+
+def test_every_expert_reads_the_same_bytes_whichever_way_it_is_read(files) -> None:
+    import torch
+
+    with open_checkpoint(files["q4_k_m"]) as ck:
+        cfg = ck.config
+        try:
+            sources = [ExpertSource(ck, cfg.moe_layers, torch.float32, m) for m in DISK_IO]
+        except LocalseekError as e:
+            pytest.skip(str(e))
+        for layer in cfg.moe_layers:
+            spec = sources[0].specs[layer]
+            for e in range(cfg.n_routed_experts):
+                got = []
+                for src in sources:
+                    out = [np.full((p.shape[0], p.row_bytes), 0xAA, np.uint8) for p in spec]
+                    scales = [np.zeros(p.scale_shape, np.float32) for p in spec]
+                    assert src.read(layer, e, out, scales) == sum(p.nbytes for p in spec)
+                    got.append(out)
+                for out in got[1:]:
+                    assert all(np.array_equal(a, b) for a, b in zip(got[0], out, strict=True))
+        for src in sources:
+            src.close()
 
 
 def test_a_budget_that_cannot_hold_the_fixed_part_is_refused_before_loading(files) -> None:

@@ -93,6 +93,13 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not predict and read ahead the next layer's experts",
     )
+    p.add_argument(
+        "--disk-io",
+        default="auto",
+        choices=["auto", "plain", "uncached", "direct"],
+        help="how experts are read from disk: O_DIRECT (direct) for files larger than RAM and "
+        "plain reads otherwise (auto), or plain reads dropped from the page cache (uncached)",
+    )
 
 
 def load_from_args(args: argparse.Namespace, console) -> Model:
@@ -121,6 +128,7 @@ def budget_options(args: argparse.Namespace) -> dict:
         "stats": args.stats,
         "policy": args.policy,
         "prefetch": not args.no_prefetch,
+        "disk_io": args.disk_io,
     }
 
 

@@ -28,6 +28,9 @@ class OffloadStats:
     disk_bytes: int = 0
     prefetch_loads: int = 0
     prefetch_bytes: int = 0
+    prefetch_used: int = 0  # prefetched experts later used (before being evicted)
+    prefetch_late: int = 0  # uses whose prefetch was still being read (waited for: a stall)
+    prefetch_cancelled: int = 0  # queued prefetches dropped: their layer chose other experts
     promotions: int = 0  # misses copied into the GPU cache (prefetches included)
     gpu_prefetches: int = 0  # predicted experts copied RAM -> GPU ahead of need
     stall_seconds: float = 0.0
@@ -70,6 +73,11 @@ class OffloadStats:
     def disk_bytes_per_token(self) -> float:
         return self.disk_bytes / self.tokens if self.tokens else 0.0
 
+    @property
+    def prefetch_precision(self) -> float | None:
+        """Share of the experts read ahead that were used before being evicted."""
+        return self.prefetch_used / self.prefetch_loads if self.prefetch_loads else None
+
     def recall(self, layer: int | None = None) -> float | None:
         """Share of the experts used that the predictor named (one layer, or all)."""
         hit, used, _ = self._pred(layer)
@@ -93,6 +101,7 @@ class OffloadStats:
             disk_bytes_per_token=self.disk_bytes_per_token,
             predictor_recall=self.recall(),
             predictor_precision=self.precision(),
+            prefetch_precision=self.prefetch_precision,
             predictor_per_layer={
                 str(k): {"recall": self.recall(k), "precision": self.precision(k)}
                 for k in sorted(self.predictor)

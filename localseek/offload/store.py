@@ -9,10 +9,13 @@ exactly as on a whole GGUF stack, with slot ids in place of expert ids.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import mmap
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,14 @@ from localseek.quant.cpu_kernels import KERNEL_FORMATS, block_size, raw_bytes
 from localseek.quant.fp8 import FP8_QTYPE
 
 PROJECTIONS = ("w1", "w2", "w3")
+# how the disk tier reads: plain preadv (the OS page cache keeps what was read), plain preadv
+# then POSIX_FADV_DONTNEED on the range (nothing stays cached: the disk is read each time, as
+# for a model larger than RAM), O_DIRECT through aligned bounce buffers, or auto: O_DIRECT when
+# the files are larger than RAM (the page cache cannot hold them, and from the disk O_DIRECT
+# measured faster than plain reads here: benchmarks/results/disk_stall-io-2026-12-02.json),
+# plain otherwise (a plain read of cached pages is a memory copy) or where O_DIRECT is refused
+DISK_IO = ("auto", "plain", "uncached", "direct")
+_ALIGN = 4096  # O_DIRECT offset, length and buffer alignment
 _DENSE = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
@@ -90,12 +101,19 @@ class ExpertSource:
     then stays open for the model's lifetime.
     """
 
-    def __init__(self, ckpt: Checkpoint, layers: list[int], dtype: torch.dtype):
+    def __init__(
+        self, ckpt: Checkpoint, layers: list[int], dtype: torch.dtype, disk_io: str = "auto"
+    ):
+        if disk_io not in DISK_IO:
+            raise LocalseekError(f"disk_io {disk_io!r} is not one of {', '.join(DISK_IO)}.")
         self.ckpt = ckpt
         self.dtype = dtype
+        self.disk_io = disk_io
+        self._bounce = threading.local()  # per reader thread: an aligned buffer for O_DIRECT
         self.specs: dict[int, LayerSpec] = {}
         self._ranges: dict[tuple[int, int], tuple[int, int]] = {}  # (layer, proj) -> fd, offset
         self._fds: dict[Path, int] = {}
+        where: dict[tuple[int, int], tuple[Path, int]] = {}
         file_range = getattr(ckpt, "expert_file_range", None)
         for layer in layers:
             specs = []
@@ -108,14 +126,20 @@ class ExpertSource:
                     spec = ProjectionSpec.of(w)
                     if nbytes != spec.nbytes:
                         raise LocalseekError(f"{path}: expert {name} is not {spec.nbytes} bytes.")
-                    if path not in self._fds:
-                        self._fds[path] = os.open(path, os.O_RDONLY)
-                    self._ranges[(layer, p)] = (self._fds[path], offset)
+                    where[(layer, p)] = (Path(path), offset)
                 else:  # read through the checkpoint, converted as the dense weights are
                     w = ckpt.tensor(name, dtype)
                     spec = ProjectionSpec.of(w)
                 specs.append(spec)
             self.specs[layer] = tuple(specs)  # type: ignore[assignment]
+        paths = sorted({path for path, _ in where.values()})
+        if disk_io == "auto":
+            larger = sum(os.path.getsize(p) for p in paths) > _ram_bytes()
+            self.disk_io = "direct" if larger and all(_direct_ok(p) for p in paths) else "plain"
+        for key, (path, offset) in where.items():
+            if path not in self._fds:
+                self._fds[path] = self._open(path)
+            self._ranges[key] = (self._fds[path], offset)
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -133,15 +157,12 @@ class ExpertSource:
             if where is not None:
                 fd, base = where
                 offset = base + expert * spec.nbytes
-                done = 0
-                while done < spec.nbytes:
-                    n = os.preadv(fd, [memoryview(dst[done:])], offset + done)
-                    if n <= 0:
-                        raise LocalseekError(
-                            f"{self.ckpt.path}: expert {expert} of layer {layer} could not be "
-                            "read (file truncated?)."
-                        )
-                    done += n
+                if self.disk_io == "direct":
+                    self._read_direct(fd, offset, dst, layer, expert)
+                else:
+                    _read_fully(fd, offset, memoryview(dst), self._truncated(layer, expert))
+                    if self.disk_io == "uncached":
+                        os.posix_fadvise(fd, offset, spec.nbytes, os.POSIX_FADV_DONTNEED)
             else:
                 w = self.ckpt.tensor(f"layers.{layer}.ffn.experts.{expert}.{proj}", self.dtype)
                 if isinstance(w, QTensor):
@@ -153,10 +174,70 @@ class ExpertSource:
             total += spec.nbytes
         return total
 
+    def _open(self, path: Path) -> int:
+        if self.disk_io != "direct":
+            return os.open(path, os.O_RDONLY)
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            raise LocalseekError(
+                f"{path}: cannot be opened for O_DIRECT reads ({e.strerror})."
+            ) from None
+
+    def _truncated(self, layer: int, expert: int) -> str:
+        return (
+            f"{self.ckpt.path}: expert {expert} of layer {layer} could not be read "
+            "(file truncated?)."
+        )
+
+    def _read_direct(self, fd: int, offset: int, dst: np.ndarray, layer: int, expert: int) -> None:
+        """O_DIRECT wants aligned offsets, lengths and buffers: read the aligned pages around
+        the range into this thread's bounce buffer, then copy the range out."""
+        start = offset // _ALIGN * _ALIGN
+        length = -(-(offset + dst.nbytes - start) // _ALIGN) * _ALIGN
+        buf = getattr(self._bounce, "buf", None)
+        if buf is None or len(buf) < length:
+            if buf is not None:
+                buf.close()
+            buf = self._bounce.buf = mmap.mmap(-1, length)  # page-aligned anonymous memory
+        view = memoryview(buf)[:length]
+        # the last pages may lie past the end of the file: a short read is fine beyond the range
+        _read_fully(
+            fd, start, view, self._truncated(layer, expert), need=offset + dst.nbytes - start
+        )
+        lo = offset - start
+        dst[:] = np.frombuffer(buf, dtype=np.uint8, count=dst.nbytes, offset=lo)
+        view.release()
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _ram_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def _direct_ok(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+def _read_fully(fd: int, offset: int, buf: memoryview, error: str, need: int | None = None) -> None:
+    """preadv until ``need`` bytes (all of ``buf`` by default) are in ``buf``."""
+    need = len(buf) if need is None else need
+    done = 0
+    while done < need:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise LocalseekError(error)
+        done += n
 
 
 class SlotPool:
@@ -196,6 +277,7 @@ class SlotPool:
         self.loading: dict[int, Future] = {}  # slot -> read in flight
         self.pins = np.zeros(slots, dtype=np.int64)
         self.predicted: set[int] = set()  # experts the predictor expects next (kept if possible)
+        self.prefetched: set[int] = set()  # experts read ahead and not used yet
         self.evictions = 0
 
     @property
@@ -241,6 +323,7 @@ class SlotPool:
         if self.pins[slot]:
             raise AssertionError(f"slot {slot} holds expert {self.expert[slot]} in use")
         del self.slot_of[int(self.expert[slot])]
+        self.prefetched.discard(int(self.expert[slot]))
         self.expert[slot] = -1
         self.evictions += 1
 
@@ -253,14 +336,90 @@ class SlotPool:
             self.policy.reset(slot)
 
 
+@dataclass(order=True)
+class _Read:
+    priority: int
+    seq: int
+    args: tuple = field(compare=False)
+    future: Future = field(compare=False)
+    taken: bool = field(default=False, compare=False)
+
+
 class Readers:
-    """A pool of reader threads filling slots from an ExpertSource; counts bytes read."""
+    """Reader threads filling slots from an ExpertSource, most urgent first.
+
+    A read the forward is about to wait for (``urgent``) goes before every prefetch still
+    queued, and a queued prefetch that becomes needed is moved up with ``hurry``; prefetches
+    go in the order they were asked for (best guess first). A queued read can be cancelled.
+    Counts the bytes read.
+    """
 
     def __init__(self, source: ExpertSource, threads: int = 4):
         self.source = source
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-reader")
         self.lock = threading.Lock()
         self.bytes_read = 0
+        self._queue: list[_Read] = []
+        self._reads: dict[Future, _Read] = {}
+        self._seq = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"expert-reader-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(
+        self, layer: int, expert: int, pool: SlotPool, slot: int, urgent: bool = True
+    ) -> Future:
+        """Queue a read of ``expert`` of ``layer`` into ``pool``'s ``slot``."""
+        read = _Read(0 if urgent else 1, next(self._seq), (layer, expert, pool, slot), Future())
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the expert readers are closed")
+            self._reads[read.future] = read
+            heapq.heappush(self._queue, read)
+            self._wake.notify()
+        return read.future
+
+    def hurry(self, future: Future) -> None:
+        """Move a queued read ahead of every prefetch (a no-op once it has started)."""
+        with self._wake:
+            read = self._reads.get(future)
+            if read is None or read.taken or read.priority == 0:
+                return
+            read.priority = 0
+            heapq.heapify(self._queue)
+
+    def cancel(self, future: Future) -> bool:
+        """Drop a read that has not started; False when it is running or done."""
+        with self._wake:
+            read = self._reads.get(future)
+            if read is None or read.taken:
+                return False
+            self._queue.remove(read)
+            heapq.heapify(self._queue)
+            del self._reads[future]
+        future.cancel()
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                read = heapq.heappop(self._queue)
+                read.taken = True
+                del self._reads[read.future]
+            if not read.future.set_running_or_notify_cancel():
+                continue
+            try:
+                read.future.set_result(self._read(*read.args))
+            except BaseException as e:
+                read.future.set_exception(e)
 
     def _read(self, layer: int, expert: int, pool: SlotPool, slot: int) -> int:
         out, scales = pool.host_views(slot)
@@ -269,9 +428,10 @@ class Readers:
             self.bytes_read += n
         return n
 
-    def submit(self, layer: int, expert: int, pool: SlotPool, slot: int) -> Future:
-        return self.pool.submit(self._read, layer, expert, pool, slot)
-
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        for t in self._threads:
+            t.join()
         self.source.close()

@@ -7,9 +7,10 @@ one call with slot ids in place of expert ids. When a layer's tokens need more e
 RAM slots hold (a long prefill), they go in rounds, one kernel call per round. Experts in use
 are pinned, so they are never evicted. A policy may promote a miss into the GPU cache.
 
-Before computing layer L, the predictor names the experts of the next MoE layer and the reader
-threads start fetching those that are on disk; one that has not arrived when it is needed is
-waited for (a stall), never used half-read.
+Once layer L's own reads are queued, the predictor names the experts of the next MoE layer and
+the reader threads fetch those that are on disk, behind any read a forward waits for. Layer L+1
+cancels its prefetches that are still queued for experts it did not choose; one it chose that
+has not arrived is moved up and waited for (a stall), never used half-read.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class TieredExperts:
         self.stats = OffloadStats()
         self.readers = Readers(source, readers)
         self.predictor: NextLayerPredictor | None = None
-        self._predicted: dict[int, list[int]] = {}
+        # layer -> (named, (rank, expert) of those neither tier held, for one token)
+        self._predicted: dict[int, tuple[list[int], list[tuple[int, int]] | None]] = {}
         self.first_layer = cfg.moe_layers[0] if cfg.moe_layers else -1
         pin = device.type == "cuda"
         ram_policy = "lru" if policy == "static" else policy
@@ -149,7 +151,7 @@ class TieredExperts:
         if layer == self.first_layer:
             st.tokens += ids.shape[0]
         used = [int(e) for e in np.unique(ids)]
-        self._predict(layer, x, ids, used)
+        self._score(layer, ids, used)
         gpu = self.gpu[layer]
         on_gpu = {e: gpu.slot_of[e] for e in used if e in gpu.slot_of}
         misses = [e for e in used if e not in on_gpu]
@@ -158,56 +160,56 @@ class TieredExperts:
         for s in on_gpu.values():
             gpu.pins[s] += 1
             gpu.policy.touch(s)
+        y_gpu: list[torch.Tensor] = []
+
+        def meanwhile() -> None:
+            # once this layer's reads are queued: the next layer's prefetches go behind them,
+            # and the GPU tier's share is computed while they are read
+            self._predict_next(layer, x)
+            if on_gpu:
+                y_gpu.append(self._compute(gpu, x, ids, wts, on_gpu))
+
         try:
-            y = torch.zeros_like(x)
-            if on_gpu:  # queued first: on CUDA it runs while the CPU computes the misses
-                y = self._compute(gpu, x, ids, wts, on_gpu)
             if misses:
-                y_cpu = self._misses(layer, x, ids, wts, misses)
-                y = y + torch.from_numpy(y_cpu).to(device=x.device, dtype=x.dtype)
+                y_cpu = self._misses(layer, x, ids, wts, misses, meanwhile)
+                y = torch.from_numpy(y_cpu).to(device=x.device, dtype=x.dtype)
+            else:
+                meanwhile()
+                y = torch.zeros_like(x)
+            if y_gpu:
+                y = y + y_gpu[0]
         finally:
             for s in on_gpu.values():
                 gpu.pins[s] -= 1
         return y
 
     def _misses(
-        self, layer: int, x: torch.Tensor, ids: np.ndarray, wts: np.ndarray, misses: list[int]
+        self,
+        layer: int,
+        x: torch.Tensor,
+        ids: np.ndarray,
+        wts: np.ndarray,
+        misses: list[int],
+        meanwhile: Callable[[], None],
     ) -> np.ndarray:
-        """The GPU cache's misses, from RAM slots, in as few rounds as the slots allow."""
-        st = self.stats
+        """The GPU cache's misses, from RAM slots, in as few rounds as the slots allow;
+        ``meanwhile`` runs once the first round's reads are queued."""
         ram, gpu = self.ram[layer], self.gpu[layer]
-        nbytes = self._bytes[layer]
         xs = np.ascontiguousarray(x.detach().float().cpu().numpy())  # (N, hidden), host once
         y = np.zeros(xs.shape, dtype=np.float32)
         remaining = list(misses)
         while remaining:
-            batch: dict[int, int] = {}
+            batch = self._claim(layer, remaining)
             try:
-                for e in remaining:
-                    s = ram.resident(e)
-                    if s is not None:
-                        if ram.ready(s):
-                            st.ram_hits += 1
-                        batch[e] = s
-                        ram.pins[s] += 1
-                for e in remaining:
-                    if e in batch:
-                        continue
-                    s = ram.take_slot(protect=set(remaining))
-                    if s is None:
-                        break
-                    ram.assign(s, e, self.readers.submit(layer, e, ram, s))
-                    ram.pins[s] += 1
-                    batch[e] = s
-                    st.disk_loads += 1
-                    st.disk_bytes += nbytes
-                if not batch:
-                    raise LocalseekError(f"layer {layer}: no RAM slot is free for an expert.")
+                if meanwhile is not None:
+                    meanwhile()
+                    meanwhile = None
                 for s in batch.values():
-                    if not ram.ready(s):
+                    fut = ram.loading.get(s)
+                    if fut is not None and not ram.ready(s):
                         t0 = time.perf_counter()
-                        ram.loading[s].result()
-                        st.stall_seconds += time.perf_counter() - t0
+                        fut.result()
+                        self.stats.stall_seconds += time.perf_counter() - t0
                         ram.ready(s)
                     ram.policy.touch(s)
                 y += self._compute(ram, xs, ids, wts, batch)
@@ -218,6 +220,79 @@ class TieredExperts:
                     ram.pins[s] -= 1
             remaining = [e for e in remaining if e not in batch]
         return y
+
+    def _claim(self, layer: int, remaining: list[int]) -> dict[int, int]:
+        """Pin RAM slots for as many of ``remaining`` as fit: those resident (a prefetch still
+        queued is moved ahead of the other prefetches), then reads into slots given up."""
+        st, ram = self.stats, self.ram[layer]
+        batch: dict[int, int] = {}
+        try:
+            for e in remaining:
+                s = ram.resident(e)
+                if s is None:
+                    continue
+                if e in ram.prefetched:
+                    ram.prefetched.discard(e)
+                    st.prefetch_used += 1
+                if ram.ready(s):
+                    st.ram_hits += 1
+                else:  # a prefetch not yet arrived: it is waited for, never used half-read
+                    st.prefetch_late += 1
+                    self.readers.hurry(ram.loading[s])
+                batch[e] = s
+                ram.pins[s] += 1
+            for e in remaining:
+                if e in batch:
+                    continue
+                s = ram.take_slot(protect=set(remaining))
+                if s is None and not batch:  # every slot is pinned or being filled by a prefetch
+                    s = self._reclaim(layer, set(remaining))
+                if s is None:
+                    break
+                ram.assign(s, e, self.readers.submit(layer, e, ram, s))
+                ram.pins[s] += 1
+                batch[e] = s
+                st.disk_loads += 1
+                st.disk_bytes += self._bytes[layer]
+        except BaseException:
+            for s in batch.values():
+                ram.pins[s] -= 1
+            raise
+        if not batch:
+            raise LocalseekError(f"layer {layer}: no RAM slot is free for an expert.")
+        return batch
+
+    def _reclaim(self, layer: int, protect: set[int]) -> int | None:
+        """A slot for a read the forward needs when every slot is pinned or loading: a queued
+        prefetch gives its slot up, or the forward waits (a stall) for one to arrive."""
+        ram = self.ram[layer]
+        for s, fut in list(ram.loading.items()):
+            if self._drop_prefetch(layer, s, fut):
+                return ram.take_slot(protect)
+        for s, fut in list(ram.loading.items()):
+            t0 = time.perf_counter()
+            fut.result()
+            self.stats.stall_seconds += time.perf_counter() - t0
+            ram.ready(s)
+            got = ram.take_slot(protect)
+            if got is not None:
+                return got
+        return None
+
+    def _drop_prefetch(self, layer: int, slot: int, fut) -> bool:
+        """Cancel a prefetch that has not started; its slot is free again."""
+        ram = self.ram[layer]
+        if not self.readers.cancel(fut):
+            return False
+        del ram.loading[slot]
+        ram.evict(slot)
+        ram.evictions -= 1  # it never held the expert
+        st, nbytes = self.stats, self._bytes[layer]
+        st.prefetch_cancelled += 1
+        st.prefetch_loads -= 1
+        st.prefetch_bytes -= nbytes
+        st.disk_bytes -= nbytes
+        return True
 
     def _promote(
         self, gpu: SlotPool, ram: SlotPool, batch: dict[int, int], protect: set[int] = frozenset()
@@ -239,38 +314,68 @@ class TieredExperts:
 
     # --- prediction --------------------------------------------------------------------------
 
-    def _predict(self, layer: int, x: torch.Tensor, ids: np.ndarray, used: list[int]) -> None:
+    def _score(self, layer: int, ids: np.ndarray, used: list[int]) -> None:
+        """Count how well ``layer``'s experts were predicted, and drop its prefetches that are
+        still queued for experts it did not choose (their slots are free again)."""
         pred = self.predictor
         if pred is None:
             return
-        named = self._predicted.pop(layer, None)
+        named, absent = self._predicted.pop(layer, (None, None))
         if named is not None:
+            if absent is not None:
+                pred.score(layer, absent, used)
             hit = len(set(used) & set(named))
             counts = self.stats.predictor.setdefault(layer, [0, 0, 0])
             counts[0] += hit
             counts[1] += len(used)
             counts[2] += len(named)
         pred.observe(layer, ids)
-        nxt = pred.next_layer.get(layer)
-        if nxt is None:
-            return
-        named = pred.predict(nxt, x)
-        self._predicted[nxt] = named
-        self._prefetch(nxt, named)
+        ram, keep = self.ram[layer], set(used)
+        for s, fut in list(ram.loading.items()):
+            if int(ram.expert[s]) not in keep:
+                self._drop_prefetch(layer, s, fut)
 
-    def _prefetch(self, layer: int, named: list[int]) -> None:
-        """Start reading the named experts of ``layer`` that neither tier holds."""
+    def _predict_next(self, layer: int, x: torch.Tensor) -> None:
+        pred = self.predictor
+        nxt = None if pred is None else pred.next_layer.get(layer)
+        if nxt is not None:
+            self.predict(nxt, x)
+
+    def predict(self, layer: int, x: torch.Tensor) -> None:
+        """Name the experts MoE ``layer`` will choose from a hidden state that comes before it
+        (N, hidden) and start reading those neither tier holds; a no-op without the
+        predictor. The engine calls it for the first MoE layer from the dense layer before."""
+        if self.predictor is None:
+            return
+        xs = x.reshape(-1, x.shape[-1])  # (N, hidden)
+        named = self.predictor.predict(layer, xs)
+        gpu, ram = self.gpu[layer], self.ram[layer]
+        absent = [
+            (r, e) for r, e in enumerate(named) if e not in gpu.slot_of and e not in ram.slot_of
+        ]
+        if xs.shape[0] == 1:  # one token: read only ranks where such guesses pay
+            read = [e for r, e in absent if self.predictor.worth_reading(layer, r)]
+            self._predicted[layer] = (named, absent)
+        else:  # several (a prefill): most experts are used, read all named
+            read = [e for _, e in absent]
+            self._predicted[layer] = (named, None)
+        self._prefetch(layer, named, read)
+
+    def _prefetch(self, layer: int, named: list[int], read: list[int] | None = None) -> None:
+        """Keep the named experts of ``layer`` from eviction and start reading those of
+        ``read`` (default: all named) that neither tier holds."""
         gpu, ram = self.gpu[layer], self.ram[layer]
         keep = set(named)
         gpu.predicted = ram.predicted = keep
         nbytes = self._bytes[layer]
-        for e in named:
+        for e in named if read is None else read:
             if e in gpu.slot_of or e in ram.slot_of:
                 continue
             s = ram.take_slot(protect=keep)
             if s is None:
                 break
-            ram.assign(s, e, self.readers.submit(layer, e, ram, s))
+            ram.assign(s, e, self.readers.submit(layer, e, ram, s, urgent=False))
+            ram.prefetched.add(e)
             self.stats.prefetch_loads += 1
             self.stats.prefetch_bytes += nbytes
             self.stats.disk_bytes += nbytes
