@@ -1,7 +1,8 @@
 """Numba CPU kernels: y = x @ W.T straight from the stored blocks, and one call per MoE layer.
 
 Weights are never dequantized as a whole, and work is split over output rows with ``prange``
-so each thread reads a disjoint slice of the weight bytes. Two paths:
+so each thread reads a disjoint slice of the weight bytes. The entry points release the GIL,
+so the expert store's reader threads keep reading from disk while a kernel runs. Two paths:
 
 - streaming (every GGML format, FP8 rows of whole 32-column chunks; any T): each row's bytes
   are decoded by the vector-IR intrinsics of ``cpu_rowdot`` once per 4 tokens, in blocks of
@@ -330,7 +331,7 @@ def _gemm_stream(
 # --- one matrix ------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=_FM, cache=True)
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
 def _qmatmul(
     fmt: int,
     w: np.ndarray,  # uint8 (G * R, row_bytes): G groups of R rows
@@ -414,7 +415,7 @@ def qmatmul(
 # --- one MoE layer ---------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=_FM, cache=True)
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
 def _moe_swiglu(
     fmt1: int,
     w1: np.ndarray,  # uint8 (E, inter, row_bytes1): gate
