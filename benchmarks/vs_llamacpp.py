@@ -12,13 +12,12 @@ read per decoded token and the effective GB/s. Writes
 
 from __future__ import annotations
 
-import os
+import localseek  # before torch: it sets the OpenMP wait policy libgomp reads when it loads
 
-# as localseek/__init__.py does, but before torch loads libgomp (llama.cpp shares it here)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
+# isort: split
+import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -28,7 +27,6 @@ from pathlib import Path
 import psutil
 import torch
 
-import localseek
 from localseek.bench import (
     BenchTest,
     LlamaCppEngine,
@@ -101,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         "exact": args.exact,
         "bytes_per_token": bytes_per_token,
         "load_average": list(psutil.getloadavg()),
+        "openmp_env": {
+            k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ
+        },
         "machine": machine_info(),
         "torch": torch.__version__,
         "results": rows,
