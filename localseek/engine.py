@@ -76,6 +76,7 @@ def plan_placement(
     dtype: torch.dtype = torch.float32,
     stats: str | Path | None = None,
     disk_io: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> tuple[Plan, ExpertSource]:
     """The placement of ``ckpt`` under the budgets (see ``offload.plan.make_plan``), and the
     expert source it was sized from (the caller closes it).
@@ -85,8 +86,7 @@ def plan_placement(
     """
     cfg = ckpt.config
     fixed = {n: s for n, s in expected_shapes(cfg).items() if _EXPERT not in n}
-    have = set(ckpt.names())
-    fixed.update({n: s for n, s in optional_shapes(cfg).items() if n in have})
+    fixed.update(_split_wkv_b(ckpt, torch.device(device)))
     source = ExpertSource(ckpt, cfg.moe_layers, dtype, disk_io)
     try:
         sizes = {n: _kept_nbytes(ckpt, n, s, dtype) for n, s in fixed.items()}
@@ -101,6 +101,15 @@ def plan_placement(
         source.close()
         raise
     return plan, source
+
+
+def _split_wkv_b(ckpt: Checkpoint, device: torch.device) -> dict[str, tuple[int, ...]]:
+    """The per-head split of wkv_b the file stores (``optional_shapes``), where it is used: on
+    the CPU, whose kernels multiply it from its blocks; a GPU tier would hold it unused."""
+    if device.type != "cpu":
+        return {}
+    have = set(ckpt.names())
+    return {n: s for n, s in optional_shapes(ckpt.config).items() if n in have}
 
 
 def _kept_nbytes(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -177,7 +186,14 @@ class Model:
         shapes = expected_shapes(cfg)
         fixed = {n: s for n, s in shapes.items() if _EXPERT not in n}
         plan, source = plan_placement(
-            ckpt, opts.gpu_mem, opts.ram, self.ctx, opts.dtype, opts.stats, opts.disk_io
+            ckpt,
+            opts.gpu_mem,
+            opts.ram,
+            self.ctx,
+            opts.dtype,
+            opts.stats,
+            opts.disk_io,
+            opts.device,
         )
         try:
             host = plan.ram_bytes
@@ -238,8 +254,7 @@ class Model:
     ) -> dict[str, Weight]:
         opts = self.options
         shapes = expected_shapes(self.config) if shapes is None else shapes
-        have = set(ckpt.names())
-        shapes = {**shapes, **{n: s for n, s in optional_shapes(self.config).items() if n in have}}
+        shapes = {**shapes, **_split_wkv_b(ckpt, opts.device)}
         need = sum(_kept_nbytes(ckpt, n, s, opts.dtype) for n, s in shapes.items())
         need += KVCache.bytes_per_token(self.config, opts.dtype) * self.ctx
         available = psutil.virtual_memory().available

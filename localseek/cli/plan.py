@@ -38,7 +38,9 @@ def main(args: argparse.Namespace) -> int:
     with open_checkpoint(path) as ckpt:
         cfg = ckpt.config
         ctx = args.ctx or min(cfg.max_position_embeddings, DEFAULT_CTX)
-        plan, source = plan_placement(ckpt, gpu_mem, ram, ctx, opts.dtype, args.stats)
+        plan, source = plan_placement(
+            ckpt, gpu_mem, ram, ctx, opts.dtype, args.stats, device=opts.device
+        )
         source.close()
     if args.json:
         out.print_json(json.dumps({"model": str(ckpt.path), **plan.to_dict()}))
