@@ -4,8 +4,8 @@
         [--disk-model BIG.gguf --ram 1GiB --disk-tokens 16]
 
 1. Trace: greedy decoding from a few fixed random prompts records each step's experts per
-   MoE layer (the default model is the tiny random demo model: its routing is noise-like, so
-   its figures are reported as "random weights", apart from any trained model's).
+   MoE layer (the default model is the bundled demo model, trained here: run it with
+   ``--weights trained``; random-weight models route noise-like and are labelled "random").
 2. Hit rate of a GPU cache of 1%..50% of each layer's experts, per policy (lru, lfu with decay,
    a static hot set profiled on the first half of the trace); all policies are scored on the
    second half after warming on the first. Bytes moved per token: misses x expert bytes.
