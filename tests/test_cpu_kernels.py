@@ -23,7 +23,7 @@ from localseek.offload import CPUExperts
 from localseek.quant import QTensor, linear
 from localseek.quant.cpu_kernels import qmatmul
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
-from localseek.quant.linear import grouped_linear
+from localseek.quant.linear import grouped_linear, swiglu_linear
 
 BLOCKS = {"ggml_q8_0": (32, 34), "ggml_q4_0": (32, 18), "ggml_q4_k": (256, 144)}
 
@@ -112,6 +112,23 @@ def test_grouped_qmatmul_is_one_product_per_group(qtype) -> None:
     ref = torch.einsum("btgi,gri->btgr", x.double(), dense)
     assert _rel(y, ref) < 1e-5
     assert _rel(grouped_linear(x, w.dequantize(torch.float32)), ref) < 1e-5
+
+
+@pytest.mark.parametrize("qtype,shape", CASES)
+def test_swiglu_equals_silu_of_gate_times_up(qtype, shape) -> None:
+    """swiglu_linear: gate and up in one kernel call, the activation fused."""
+    w1, w3 = _random_weights(qtype, shape, 2, seed=8)
+    d1, d3 = (w.dequantize(torch.float32).double() for w in (w1, w3))
+    for T in (1, 5):
+        x = torch.randn(2, T, shape[1])
+        got = swiglu_linear(x, w1, w3)
+        assert got.shape == (2, T, shape[0])
+        want = torch.nn.functional.silu(x.double() @ d1.T) * (x.double() @ d3.T)
+        assert _rel(got, want) < 1e-5
+        if qtype != FP8_QTYPE:
+            xr = _int8_activations(x.reshape(-1, shape[1])).double().view(x.shape)
+            want = torch.nn.functional.silu(xr @ d1.T) * (xr @ d3.T)
+            assert _rel(swiglu_linear(x, w1, w3, exact=False), want) < 1e-5
 
 
 @pytest.mark.parametrize(

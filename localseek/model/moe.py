@@ -11,6 +11,7 @@ from torch import nn
 
 from localseek.config import ModelConfig
 from localseek.quant import Weight, linear
+from localseek.quant.linear import swiglu_linear
 
 
 class MLP(nn.Module):
@@ -22,8 +23,7 @@ class MLP(nn.Module):
         self.exact = exact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(linear(x, self.w1, self.exact)) * linear(x, self.w3, self.exact)
-        return linear(h, self.w2, self.exact)
+        return linear(swiglu_linear(x, self.w1, self.w3, self.exact), self.w2, self.exact)
 
 
 def route(

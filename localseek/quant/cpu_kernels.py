@@ -414,6 +414,76 @@ def qmatmul(
     return torch.from_numpy(y)
 
 
+# --- SwiGLU: gate and up in one pass ----------------------------------------------------------
+
+
+@njit(fastmath=_FM, cache=True)
+def _swiglu_rows(fmt1, w1, s1, fmt3, w3, s3, stream, p1, p3, x, t0, n, r0, r1, h, f16, fp8):
+    """h[t0 + i, r0 + j] = silu(x[t0 + i] . W1[r0 + j]) * (x[t0 + i] . W3[r0 + j]) for i < n;
+    p1, p3: ``_prepare``'s activations for each weight's format."""
+    g = np.empty((n, r1 - r0), dtype=np.float32)
+    u = np.empty((n, r1 - r0), dtype=np.float32)
+    if stream:
+        _gemm_stream(fmt1, w1, s1, p1[0], p1[1], p1[2], p1[3], p1[4], t0, n, r0, r1, g, f16)
+        _gemm_stream(fmt3, w3, s3, p3[0], p3[1], p3[2], p3[3], p3[4], t0, n, r0, r1, u, f16)
+    else:
+        _gemm_rows(fmt1, w1, s1, x[t0 : t0 + n], r0, r1, g, f16, fp8)
+        _gemm_rows(fmt3, w3, s3, x[t0 : t0 + n], r0, r1, u, f16, fp8)
+    for i in range(n):
+        for j in range(r1 - r0):
+            gv = g[i, j]
+            h[t0 + i, r0 + j] = gv / (np.float32(1.0) + np.exp(-gv)) * u[i, j]
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def _swiglu(
+    fmt1: int,
+    w1: np.ndarray,  # uint8 (inter, row_bytes): gate
+    s1: np.ndarray,  # float32 (row_blocks, col_blocks); FP8 only
+    fmt3: int,
+    w3: np.ndarray,  # uint8 (inter, row_bytes): up
+    s3: np.ndarray,
+    x: np.ndarray,  # float32 (T, in)
+    h: np.ndarray,  # float32 (T, inter)
+    f16: np.ndarray,
+    fp8: np.ndarray,
+    exact: bool,
+) -> None:
+    T, n_in = x.shape
+    inter = w1.shape[0]
+    stream = _stream_ok(fmt1, n_in) and _stream_ok(fmt3, n_in)
+    p1, p3 = _prepare(fmt1, x, exact), _prepare(fmt3, x, exact)
+    rows = _STREAM_ROWS if stream else _TILE_ROWS
+    for c in prange((inter + rows - 1) // rows):
+        r0 = c * rows
+        r1 = min(inter, r0 + rows)
+        _swiglu_rows(fmt1, w1, s1, fmt3, w3, s3, stream, p1, p3, x, 0, T, r0, r1, h, f16, fp8)
+
+
+def swiglu(
+    x: torch.Tensor,
+    w1: tuple[str, torch.Tensor, torch.Tensor | None],
+    w3: tuple[str, torch.Tensor, torch.Tensor | None],
+    exact: bool = True,
+) -> torch.Tensor:
+    """h = silu(x @ W1.T) * (x @ W3.T), both projections in one parallel call.
+
+    Args:
+        x: float32 (T, in) activations on the CPU.
+        w1, w3: (qtype, stored data, FP8 scales or None) of the gate and up weights (inter, in).
+        exact: float32 activations; False rounds them to int8 per 32 (see ``qmatmul``).
+    Returns:
+        float32 (T, inter).
+    """
+    xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+    (q1, d1, sc1), (q3, d3, sc3) = w1, w3
+    a1, a3 = raw_bytes(d1), raw_bytes(d3)
+    h = np.empty((xs.shape[0], a1.shape[0]), dtype=np.float32)
+    f1, f3 = KERNEL_FORMATS[q1], KERNEL_FORMATS[q3]
+    _swiglu(f1, a1, _scale2d(sc1), f3, a3, _scale2d(sc3), xs, h, F16_LUT, FP8_LUT, bool(exact))
+    return torch.from_numpy(h)
+
+
 # --- one MoE layer ---------------------------------------------------------------------------
 
 
@@ -468,8 +538,7 @@ def _moe_swiglu(
     # activations as the streaming path wants them (per format)
     stream1 = _stream_ok(fmt1, hidden) and _stream_ok(fmt3, hidden)
     stream2 = _stream_ok(fmt2, inter)
-    q1, xp1, xq1, dx1, xs1 = _prepare(fmt1, xg, exact)
-    q3, xp3, xq3, dx3, xs3 = _prepare(fmt3, xg, exact)
+    p1, p3 = _prepare(fmt1, xg, exact), _prepare(fmt3, xg, exact)
 
     # gate and up, h = silu(x w1.T) * (x w3.T): work items are (active expert, row chunk)
     h = np.empty((N * K, inter), dtype=np.float32)  # (N * K, inter)
@@ -480,18 +549,25 @@ def _moe_swiglu(
         r0 = (item % n_ic) * rows1
         r1 = min(inter, r0 + rows1)
         a, b = offsets[e], offsets[e + 1]
-        g = np.empty((b - a, r1 - r0), dtype=np.float32)
-        u = np.empty((b - a, r1 - r0), dtype=np.float32)
-        if stream1:
-            _gemm_stream(fmt1, w1[e], s1[e], q1, xp1, xq1, dx1, xs1, a, b - a, r0, r1, g, f16)
-            _gemm_stream(fmt3, w3[e], s3[e], q3, xp3, xq3, dx3, xs3, a, b - a, r0, r1, u, f16)
-        else:
-            _gemm_rows(fmt1, w1[e], s1[e], xg[a:b], r0, r1, g, f16, fp8)
-            _gemm_rows(fmt3, w3[e], s3[e], xg[a:b], r0, r1, u, f16, fp8)
-        for i in range(b - a):
-            for j in range(r1 - r0):
-                gv = g[i, j]
-                h[a + i, r0 + j] = gv / (np.float32(1.0) + np.exp(-gv)) * u[i, j]
+        _swiglu_rows(
+            fmt1,
+            w1[e],
+            s1[e],
+            fmt3,
+            w3[e],
+            s3[e],
+            stream1,
+            p1,
+            p3,
+            xg,
+            a,
+            b - a,
+            r0,
+            r1,
+            h,
+            f16,
+            fp8,
+        )
 
     q2, hp, hq, dh, hs = _prepare(fmt2, h, exact)
 

@@ -46,6 +46,19 @@ def from_blocks(w: Weight | None) -> bool:
     )
 
 
+def swiglu_linear(x: torch.Tensor, w1: Weight, w3: Weight, exact: bool = True) -> torch.Tensor:
+    """silu(x @ w1.T) * (x @ w3.T): SwiGLU's gate and up. Weights the CPU kernels multiply
+    from their blocks go through one kernel call for both (one parallel region, not two, and
+    the activation fused); others through ``linear``."""
+    if from_blocks(w1) and from_blocks(w3) and x.device.type == "cpu":
+        from localseek.quant.cpu_kernels import swiglu
+
+        flat = x.reshape(-1, x.shape[-1]).float()  # (B*T, in)
+        h = swiglu(flat, (w1.qtype, w1.data, w1.scale), (w3.qtype, w3.data, w3.scale), exact)
+        return h.to(x.dtype).reshape(*x.shape[:-1], w1.shape[0])
+    return F.silu(linear(x, w1, exact)) * linear(x, w3, exact)
+
+
 def grouped_linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tensor:
     """G independent products: y[..., g, :] = x[..., g, :] @ W_g.T, where W_g is rows
     g * R .. (g + 1) * R - 1 of ``w`` (G * R, in). MLA's absorbed decode uses it per head.
