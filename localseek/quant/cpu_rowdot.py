@@ -302,8 +302,8 @@ _VD = _vec(_I32, 8)
 
 
 def target_vnni() -> int:
-    """Widest vpdpbusd, in bytes, of the CPU numba compiles for: 64 (AVX512-VNNI), 32
-    (AVX512-VNNI with VL only, or AVX-VNNI), 0 (none: plain vector IR).
+    """Widest vpdpbusd, in bytes, of the CPU numba compiles for: 64 (AVX512-VNNI with BW and
+    VL), 32 (AVX-VNNI), 0 (none: plain vector IR, the same sums).
 
     Follows numba's own target choice, so NUMBA_CPU_NAME / NUMBA_CPU_FEATURES select the plain
     path too (and numba's cache keys on them)."""
