@@ -103,13 +103,23 @@ def plan_placement(
     return plan, source
 
 
+# storage types the CPU kernels multiply from their blocks (quant.linear.from_blocks)
+_BLOCK_KERNEL_TYPES = {"Q8_0", "Q4_0", "Q4_K"}
+
+
 def _split_wkv_b(ckpt: Checkpoint, device: torch.device) -> dict[str, tuple[int, ...]]:
     """The per-head split of wkv_b the file stores (``optional_shapes``), where it is used: on
-    the CPU, whose kernels multiply it from its blocks; a GPU tier would hold it unused."""
+    the CPU, whose kernels multiply it from its blocks, and only in a format they run and with
+    the shapes the config implies (else the decode reads the dense wkv_b, as before)."""
     if device.type != "cpu":
         return {}
     have = set(ckpt.names())
-    return {n: s for n, s in optional_shapes(ckpt.config).items() if n in have}
+    split = {n: s for n, s in optional_shapes(ckpt.config).items() if n in have}
+    usable = all(
+        tuple(ckpt.shape(n)) == s and ckpt.storage_type(n) in _BLOCK_KERNEL_TYPES
+        for n, s in split.items()
+    )
+    return split if usable else {}
 
 
 def _kept_nbytes(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:

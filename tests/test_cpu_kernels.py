@@ -90,10 +90,14 @@ def test_qmatmul_equals_dequantize_matmul(qtype, shape) -> None:
         assert _rel(fast, x.double() @ dense.T) < 2e-2
 
 
-@pytest.mark.parametrize("qtype", ["ggml_q8_0", "ggml_q4_k"])
-def test_grouped_qmatmul_is_one_product_per_group(qtype) -> None:
-    """groups=G: group g's tokens times group g's rows (MLA's per-head absorbed decode)."""
-    G, R, n_in = 3, 40, 256 if qtype == "ggml_q4_k" else 96
+@pytest.mark.parametrize(
+    "qtype,n_in",
+    [("ggml_q8_0", 96), ("ggml_q4_0", 96), ("ggml_q4_k", 256), (FP8_QTYPE, 96), (FP8_QTYPE, 100)],
+)
+def test_grouped_qmatmul_is_one_product_per_group(qtype, n_in) -> None:
+    """groups=G: group g's tokens times group g's rows (MLA's per-head absorbed decode); FP8
+    100 wide takes the tile path."""
+    G, R = 3, 40
     (w,) = _random_weights(qtype, (G * R, n_in), 1, seed=7)
     dense = w.dequantize(torch.float32).double().view(G, R, n_in)
     for N in (1, 5):
@@ -101,6 +105,8 @@ def test_grouped_qmatmul_is_one_product_per_group(qtype) -> None:
         want = torch.cat([x[g * N : (g + 1) * N].double() @ dense[g].T for g in range(G)])
         got = qmatmul(x, w.qtype, w.data, w.scale, groups=G)
         assert got.shape == (G * N, R) and _rel(got, want) < 1e-5
+        if qtype == FP8_QTYPE:  # FP8 has only the float path
+            continue
         fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False, groups=G)
         xr = _int8_activations(x).double()
         want_fast = torch.cat([xr[g * N : (g + 1) * N] @ dense[g].T for g in range(G)])
@@ -112,6 +118,16 @@ def test_grouped_qmatmul_is_one_product_per_group(qtype) -> None:
     ref = torch.einsum("btgi,gri->btgr", x.double(), dense)
     assert _rel(y, ref) < 1e-5
     assert _rel(grouped_linear(x, w.dequantize(torch.float32)), ref) < 1e-5
+
+
+def test_kernels_refuse_rows_of_another_width() -> None:
+    """The kernels trust the stored row bytes: a weight whose rows do not hold as many values
+    as the activations is refused, not read past its rows."""
+    (w,) = _random_weights("ggml_q8_0", (16, 288), 1, seed=9)
+    with pytest.raises(ValueError, match="does not take 64 inputs"):
+        qmatmul(torch.randn(1, 64), w.qtype, w.data, w.scale)
+    with pytest.raises(ValueError, match="does not take 64 inputs"):
+        swiglu_linear(torch.randn(1, 64), w, w)
 
 
 @pytest.mark.parametrize("qtype,shape", CASES)

@@ -257,8 +257,10 @@ class GGUFCheckpoint(Checkpoint):
                     self._where[f"layers.{layer}.ffn.experts.{e}.{proj}"] = gguf_name
             elif template == ATTN_K_B and ATTN_V_B.format(i=layer) in self._tensors:
                 self._where.setdefault(f"layers.{layer}.attn.wkv_b", gguf_name)
-                self._where[f"layers.{layer}.attn.wk_b"] = gguf_name
-                self._where[f"layers.{layer}.attn.wv_b"] = ATTN_V_B.format(i=layer)
+                v_b = ATTN_V_B.format(i=layer)
+                if len(self._tensors[gguf_name][1].shape) == len(self._tensors[v_b][1].shape) == 3:
+                    self._where[f"layers.{layer}.attn.wk_b"] = gguf_name
+                    self._where[f"layers.{layer}.attn.wv_b"] = v_b
 
     def names(self) -> list[str]:
         return list(self._where)

@@ -371,6 +371,14 @@ def _scale2d(scale: torch.Tensor | None) -> np.ndarray:
     return np.ascontiguousarray(scale.detach().cpu().numpy(), dtype=np.float32)
 
 
+def _check_width(fmt: int, w: np.ndarray, n_in: int) -> None:
+    """The stored rows must be exactly ``n_in`` values wide: the kernels trust the row bytes."""
+    block, size = _BLOCK[fmt]
+    want = n_in if fmt == FMT_FP8 else n_in // block * size
+    if n_in % block_size(fmt) or w.ndim != 2 or w.shape[1] != want:
+        raise ValueError(f"a weight of {w.shape[1]} bytes a row does not take {n_in} inputs")
+
+
 def raw_bytes(data: torch.Tensor) -> np.ndarray:
     """A weight's stored bytes as a uint8 numpy array (rows, row_bytes), without a copy."""
     if data.dtype == torch.float8_e4m3fn:
@@ -409,6 +417,7 @@ def qmatmul(
     w = raw_bytes(data)
     if xs.shape[0] % groups or w.shape[0] % groups:
         raise ValueError(f"{xs.shape[0]} tokens and {w.shape[0]} rows in {groups} groups")
+    _check_width(fmt, w, xs.shape[1])
     y = np.empty((xs.shape[0], w.shape[0] // groups), dtype=np.float32)
     _qmatmul(fmt, w, _scale2d(scale), xs, y, F16_LUT, FP8_LUT, bool(exact), groups)
     return torch.from_numpy(y)
@@ -478,8 +487,12 @@ def swiglu(
     xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
     (q1, d1, sc1), (q3, d3, sc3) = w1, w3
     a1, a3 = raw_bytes(d1), raw_bytes(d3)
-    h = np.empty((xs.shape[0], a1.shape[0]), dtype=np.float32)
     f1, f3 = KERNEL_FORMATS[q1], KERNEL_FORMATS[q3]
+    _check_width(f1, a1, xs.shape[1])
+    _check_width(f3, a3, xs.shape[1])
+    if a1.shape[0] != a3.shape[0]:
+        raise ValueError(f"gate and up have {a1.shape[0]} and {a3.shape[0]} rows")
+    h = np.empty((xs.shape[0], a1.shape[0]), dtype=np.float32)
     _swiglu(f1, a1, _scale2d(sc1), f3, a3, _scale2d(sc3), xs, h, F16_LUT, FP8_LUT, bool(exact))
     return torch.from_numpy(h)
 

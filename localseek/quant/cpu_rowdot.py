@@ -305,14 +305,14 @@ def target_vnni() -> int:
     """Widest vpdpbusd, in bytes, of the CPU numba compiles for: 64 (AVX512-VNNI with BW and
     VL), 32 (AVX-VNNI), 0 (none: plain vector IR, the same sums).
 
-    Follows numba's own target choice, so NUMBA_CPU_NAME / NUMBA_CPU_FEATURES select the plain
-    path too (and numba's cache keys on them)."""
-    from llvmlite import binding as llvm
+    Follows numba's own target choice: NUMBA_CPU_FEATURES (with NUMBA_CPU_NAME) or
+    NUMBA_ENABLE_AVX=0 select the plain path too, and numba's cache keys on them."""
     from numba.core import config
+    from numba.core.codegen import get_host_cpu_features
 
     feats = config.CPU_FEATURES
     if feats is None:
-        feats = llvm.get_host_cpu_features().flatten()
+        feats = get_host_cpu_features()
     on = {f[1:] for f in feats.split(",") if f.startswith("+")}
     if {"avx512vnni", "avx512bw"} <= on:
         return 64 if "avx512vl" in on else 0
