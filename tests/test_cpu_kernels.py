@@ -249,3 +249,30 @@ def test_int8_path_without_vnni(tmp_path) -> None:
         [sys.executable, "-c", script, tests], env=env, capture_output=True, text=True
     )
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+def test_vnni_target_compiles_to_vpdpbusd(tmp_path) -> None:
+    """For a CPU with AVX512-VNNI the int8 rows lower to vpdpbusd (compiled, not run, so this
+    holds on any host): a broken lowering would otherwise pass silently on CPUs without it."""
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        from numba import njit
+        from localseek.quant import cpu_kernels as ck
+        from localseek.quant.cpu_rowdot import target_vnni
+        assert target_vnni() == 64, target_vnni()
+
+        @njit
+        def rows(w, xq, dx, xs, lut, out):
+            ck._RQ1_Q4_K(w, 0, w.shape[0], xq, 0, dx, xs, lut, out, 0)
+
+        sig = "void(u1[:, ::1], i1[:, ::1], f4[:, ::1], f4[:, ::1], f4[::1], f4[:, ::1])"
+        rows.compile(sig)
+        asm = rows.inspect_asm(rows.signatures[0])
+        print("vpdpbusd" in asm and "zmm" in asm)
+        """
+    )
+    env = dict(os.environ, NUMBA_CPU_NAME="icelake-server", NUMBA_CACHE_DIR=str(tmp_path))
+    env["NUMBA_CPU_FEATURES"] = "+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512vnni"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr[-2000:]
