@@ -25,6 +25,7 @@ from localseek.offload.store import ExpertSource, expert_bytes
 from localseek.offload.tiered import TieredExperts
 from localseek.options import DEFAULT_CTX, RuntimeOptions, set_threads
 from localseek.quant import QTensor, Weight
+from localseek.quant.linear import from_blocks
 from localseek.sampling import Sampler, SamplingParams
 from localseek.tokenizer import Tokenizer
 
@@ -103,10 +104,6 @@ def plan_placement(
     return plan, source
 
 
-# storage types the CPU kernels multiply from their blocks (quant.linear.from_blocks)
-_BLOCK_KERNEL_TYPES = {"Q8_0", "Q4_0", "Q4_K"}
-
-
 def _split_wkv_b(ckpt: Checkpoint, device: torch.device) -> dict[str, tuple[int, ...]]:
     """The per-head split of wkv_b the file stores (``optional_shapes``), where it is used: on
     the CPU, whose kernels multiply it from its blocks, and only in a format they run and with
@@ -115,9 +112,9 @@ def _split_wkv_b(ckpt: Checkpoint, device: torch.device) -> dict[str, tuple[int,
         return {}
     have = set(ckpt.names())
     split = {n: s for n, s in optional_shapes(ckpt.config).items() if n in have}
+    # ckpt.tensor without a dtype is a view of the file's bytes: cheap to look at
     usable = all(
-        tuple(ckpt.shape(n)) == s and ckpt.storage_type(n) in _BLOCK_KERNEL_TYPES
-        for n, s in split.items()
+        tuple(ckpt.shape(n)) == s and from_blocks(ckpt.tensor(n)) for n, s in split.items()
     )
     return split if usable else {}
 

@@ -22,8 +22,7 @@ def linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tensor:
     products (what llama.cpp does for every quantized matmul); dense weights are unaffected.
     """
     if isinstance(w, QTensor):
-        on_cpu = w.device.type == "cpu" and x.device.type == "cpu"
-        if w.qtype in _CPU_KERNEL_QTYPES and len(w.shape) == 2 and on_cpu:
+        if from_blocks(w) and x.device.type == "cpu":
             from localseek.quant.cpu_kernels import qmatmul  # numba: imported on first use
 
             flat = x.reshape(-1, x.shape[-1]).float()  # (B*T, in)
