@@ -137,15 +137,18 @@ class MLA(nn.Module):
         return (o_lat @ w_uv_t).transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, c_all, pe_all, start):
-        T, S = q_nope.shape[1], c_all.shape[1]
-        q_lat = self._absorb_query(q_nope)  # (B, H, T, C)
-        c_t = c_all[:, None]  # (B, 1, S, C)
-        scores = q_lat @ c_t.transpose(-1, -2)  # (B, H, T, S)
-        scores = scores + q_pe.transpose(1, 2) @ pe_all[:, None].transpose(-1, -2)
+        B, T, H, _ = q_nope.shape
+        S = c_all.shape[1]
+        # heads and query positions flattened into one batch of rows against the one latent
+        # cache per sequence: a matmul that broadcast the cache over the heads copied it per head
+        q_lat = self._absorb_query(q_nope).reshape(B, H * T, self.kv_lora_rank)
+        q_rot = q_pe.transpose(1, 2).reshape(B, H * T, self.rope_dim)
+        scores = torch.bmm(q_lat, c_all.transpose(1, 2))  # (B, H * T, S)
+        scores = scores.baddbmm_(q_rot, pe_all.transpose(1, 2))
         scores = scores.float() * self.softmax_scale
         if T > 1:
             mask = self._causal_mask(T, S, start, scores.device)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores.view(B, H, T, S).masked_fill(~mask, float("-inf")).view(B, H * T, S)
         probs = scores.softmax(dim=-1).to(c_all.dtype)
-        o_lat = probs @ c_t  # (B, H, T, C)
+        o_lat = torch.bmm(probs, c_all).view(B, H, T, self.kv_lora_rank)
         return self._absorb_output(o_lat)  # (B, T, H, v)

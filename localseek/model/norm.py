@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -13,6 +14,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # weight * (x / rms(x)) with the normalisation in float32, then x's dtype; one fused
+        # op where both are float32 (six small ops were a visible share of a decode step)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        xf = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * xf.to(x.dtype)
