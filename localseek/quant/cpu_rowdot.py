@@ -102,6 +102,16 @@ class _Gen:
             v = b.fadd(lo, hi)
         return b.extract_element(v, ir.Constant(_I32, 0))
 
+    def prefetch(self, row: ir.Value, off: ir.Value) -> None:
+        """A non-temporal prefetch of the byte at ``row + off`` (prefetchnta)."""
+        b = self.b
+        fn = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+            "llvm.prefetch.p0",
+        )
+        p = b.gep(row, [off], source_etype=_I8)
+        b.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
+
     def f16(self, row: ir.Value, off: ir.Value, lut: ir.Value) -> ir.Value:
         """A little-endian f16 at byte offset ``off`` as float32, through the 65536-entry LUT."""
         h = self.b.zext(self.load(row, off, _I16, _I8), _I64)
@@ -296,6 +306,10 @@ def make_rowdot(fmt: int, nt: int):
 # with w's sign moved onto the activations. One float conversion and one fused multiply-add per
 # 32 weights and token remain.
 
+# bytes ahead of the weight read that the int8 rows prefetch with a non-temporal hint:
+# streamed weights then displace less of what the rest of the step keeps in cache (the
+# activations, the latent cache, the interpreter's own state); 1024 measured best of 0 / 1 K / 4 K
+PF = 1024
 QUNIT = {FMT_Q8_0: (32, 34), FMT_Q4_0: (32, 18), FMT_Q4_K: (256, 144)}
 _VB = _vec(_I8, 32)  # 32 bytes: one ymm
 _VD = _vec(_I32, 8)
@@ -415,6 +429,8 @@ def make_rowdot_i8(fmt: int, nt: int):
                     with cgutils.for_range(b, n_units) as loop:
                         u = loop.index
                         base = b.mul(u, g.i64(bpu))
+                        for o in (0, 64, 128):
+                            g.prefetch(rowp, b.add(base, g.i64(PF + o)))
                         x0 = b.mul(u, g.i64(wpu))
                         d = g.f16(rowp, base, lutp)
                         dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
@@ -467,6 +483,9 @@ def make_rowdot_i8(fmt: int, nt: int):
                     with cgutils.for_range(b, b.sdiv(n_units, g.i64(2))) as loop:
                         u = b.mul(loop.index, g.i64(2))
                         u1 = b.add(u, g.i64(1))
+                        pb = b.mul(u, g.i64(bpu))
+                        g.prefetch(rowp, b.add(pb, g.i64(PF)))
+                        g.prefetch(rowp, b.add(pb, g.i64(PF + 2 * bpu - 1)))
                         (d0, w0, n0), (d1, w1, n1) = block32(u), block32(u1)
                         w64 = b.shuffle_vector(w0, w1, _iota(64))
                         neg = None if n0 is None else b.shuffle_vector(n0, n1, _iota(64))
