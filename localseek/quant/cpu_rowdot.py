@@ -106,7 +106,8 @@ class _Gen:
         """A non-temporal prefetch of the byte at ``row + off`` (prefetchnta)."""
         b = self.b
         fn = cgutils.get_or_insert_function(
-            b.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+            b.module,
+            ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
             "llvm.prefetch.p0",
         )
         p = b.gep(row, [off], source_etype=_I8)
