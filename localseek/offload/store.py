@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from localseek import hugepages
 from localseek.checkpoint import Checkpoint
 from localseek.errors import LocalseekError
 from localseek.offload.cache import CachePolicy, LFUDecay
@@ -260,8 +261,12 @@ class SlotPool:
         self.slots = slots
         self.device = device
         self.policy = policy
+        # host slots that the CPU kernels read every token sit in huge pages, as the weights do
+        huge = device.type == "cpu" and not pin_memory and hugepages.available()
         self.data = [
-            torch.empty(
+            hugepages.empty((slots, p.shape[0], p.row_bytes))
+            if huge
+            else torch.empty(
                 (slots, p.shape[0], p.row_bytes),
                 dtype=torch.uint8,
                 device=device,
