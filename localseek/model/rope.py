@@ -53,7 +53,7 @@ class RotaryEmbedding:
         T = x.shape[1]
         rot = self.rot[start : start + T].view((1, T) + (1,) * (x.dim() - 3) + (-1,))
         xf = x.float().unflatten(-1, (-1, 2))  # (..., rope_dim/2, 2)
-        if xf.stride(-1) != 1 or any(s % 2 for s in xf.stride()[:-1]):
+        if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(s % 2 for s in xf.stride()[:-1]):
             xf = xf.contiguous()  # view_as_complex wants pairs side by side
         out = torch.view_as_real(torch.view_as_complex(xf) * rot)
         return out.flatten(-2).to(x.dtype)
