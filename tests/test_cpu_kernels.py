@@ -276,3 +276,50 @@ def test_vnni_target_compiles_to_vpdpbusd(tmp_path) -> None:
     env["NUMBA_CPU_FEATURES"] = "+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512vnni"
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("qtype", ["ggml_q8_0", "ggml_q4_k"])
+@pytest.mark.parametrize("H,pos", [(6, 0), (6, 299), (8, 517)])
+def test_one_call_decode_attention_against_float64(qtype, H, pos) -> None:
+    """cpu_attention.mla_decode against the absorbed attention in float64 from the dequantized
+    per-head weights: head counts and positions off the 4 x 4 / 8-position blocks, a context
+    longer than one 256-position span; the cache written at pos, nothing else touched."""
+    from localseek.quant.cpu_attention import mla_decode
+
+    C, nope, R, V = 256, 256, 8, 32
+    wk_b, wv_b = (
+        _random_weights(qtype, (H * C, nope), 1, 1)[0],
+        _random_weights(qtype, (H * V, C), 1, 2)[0],
+    )
+    g = torch.Generator().manual_seed(pos)
+    q, kv = torch.randn(H, nope + R, generator=g), torch.randn(C + R, generator=g)
+    norm_w = torch.rand(C, generator=g) + 0.5
+    angle = torch.rand(R // 2, generator=g) * 6
+    rot = torch.polar(torch.full_like(angle, 1.1), angle)
+    c_cache, pe_cache = torch.randn(pos + 3, C, generator=g), torch.randn(pos + 3, R, generator=g)
+    before = c_cache.clone(), pe_cache.clone()
+    out = mla_decode(q, kv, norm_w, 1e-6, rot, c_cache, pe_cache, pos, wk_b, wv_b, 0.1, True)
+
+    d = torch.float64
+    lat = kv[:C].to(d)
+    lat = lat / (lat.square().mean() + 1e-6).sqrt() * norm_w.to(d)
+    k_pe = torch.view_as_real(
+        torch.view_as_complex(kv[C:].to(d).view(-1, 2)) * rot.to(torch.complex128)
+    )
+    q_pe = torch.view_as_real(torch.view_as_complex(q[:, nope:].to(d).reshape(H, -1, 2)) * rot)
+    assert _rel(c_cache[pos], lat) < 1e-5 and _rel(pe_cache[pos], k_pe.flatten()) < 1e-5
+    assert torch.equal(c_cache[pos + 1 :], before[0][pos + 1 :]) and torch.equal(
+        c_cache[:pos], before[0][:pos]
+    )
+    assert torch.equal(pe_cache[:pos], before[1][:pos])
+    w_uk = wk_b.dequantize().to(d).view(H, C, nope)
+    w_uv = wv_b.dequantize().to(d).view(H, V, C)
+    c_all, pe_all = c_cache[: pos + 1].to(d), pe_cache[: pos + 1].to(d)
+    q_lat = torch.einsum("hcn,hn->hc", w_uk, q[:, :nope].to(d))
+    scores = (q_lat @ c_all.T + q_pe.reshape(H, R) @ pe_all.T) * 0.1
+    o_lat = scores.softmax(-1) @ c_all
+    want = torch.einsum("hvc,hc->hv", w_uv, o_lat)
+    assert out.shape == (H, V) and _rel(out, want) < 1e-5
+    n = pos + 1
+    with pytest.raises(ValueError, match=f"position {n} is outside a cache of {n} positions"):
+        mla_decode(q, kv, norm_w, 1e-6, rot, c_cache[:n], pe_cache[:n], n, wk_b, wv_b, 0.1, True)

@@ -245,3 +245,35 @@ def test_bad_gguf_is_one_sentence(case, words, f32_files, tmp_path) -> None:
         timeout=120,
     )
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_one_call_decode_attention_equals_torch_ops(exact, f32_files, tmp_path) -> None:
+    """A decode step's attention as one numba call (cpu_attention) gives what the torch ops
+    of the absorbed path give: the same cache contents and the same logits."""
+    quant = tmp_path / "q8_0.gguf"
+    gu.llama_quantize(f32_files["v2_lite_q"], quant, 7)
+    model = localseek.load(quant, exact=exact)
+    attn = [block.attn for block in model.net.layers]
+    n = len(IDS) - 4
+
+    def decode(fused: bool | None):
+        for a in attn:
+            a._fused = fused  # None: found on use
+        cache = model.new_cache(max_len=len(IDS))
+        model.forward(torch.tensor([IDS[:n]]), 0, cache)
+        steps = [
+            model.forward(torch.tensor([[t]]), n + i, cache)[0, -1] for i, t in enumerate(IDS[n:])
+        ]
+        return torch.stack(steps).numpy(), cache
+
+    fused, c_fused = decode(None)
+    assert all(a._fused for a in attn)
+    plain, c_plain = decode(False)
+    _close(c_fused.kv.numpy(), c_plain.kv.numpy(), rel=1e-6)
+    _close(c_fused.pe.numpy(), c_plain.pe.numpy(), rel=1e-6)
+    # exact: float32 throughout; fast: o_lat's int8 rounding may flip where the sums differ
+    _close(fused, plain, rel=1e-5 if exact else 1e-3)
+    attn[0]._fused = None
+    with pytest.raises(ValueError, match="outside a cache of 12 positions"):
+        model.forward(torch.tensor([[IDS[0]]]), len(IDS), c_fused)

@@ -49,6 +49,7 @@ class MLA(nn.Module):
         self.wk_b, self.wv_b = split if all(map(from_blocks, split)) else (None, None)
         self.wo = w["wo"]
         self._absorb: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fused: bool | None = None  # one-call decode attention (cpu_attention), found on use
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, nope, C) and W_UV transposed (H, C, v), dense and contiguous, made once:
@@ -82,6 +83,25 @@ class MLA(nn.Module):
             if self.q_lora
             else linear(x, self.wq, ex)
         )
+        if T == 1 and B == 1 and absorb is not False and self._fuses(x, cache):
+            from localseek.quant.cpu_attention import mla_decode
+
+            kv = linear(x, self.wkv_a, ex).view(-1)
+            out = mla_decode(
+                q.view(H, -1),
+                kv,
+                self.kv_norm.weight,
+                self.kv_norm.eps,
+                rope.rot[start],
+                cache.kv[self.layer, 0],
+                cache.pe[self.layer, 0],
+                start,
+                self.wk_b,
+                self.wv_b,
+                self.softmax_scale,
+                ex,
+            )
+            return linear(out.view(B, T, H * self.v_dim), self.wo, ex)
         q = q.view(B, T, H, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = rope.apply(q_pe, start)  # (B, T, H, rope)
@@ -97,6 +117,25 @@ class MLA(nn.Module):
         else:
             out = self._naive(q_nope, q_pe, c_all, pe_all, start)
         return linear(out.reshape(B, T, H * self.v_dim), self.wo, ex)
+
+    def _fuses(self, x: torch.Tensor, cache: KVCache) -> bool:
+        """Whether a decode step runs as one ``cpu_attention.mla_decode`` call: per-head
+        weights the CPU kernels stream, float32 activations, norm weight and cache on the CPU."""
+        f32 = torch.float32
+        if self._fused is None:
+            ok = self.wk_b is not None and self.kv_norm.weight.dtype == f32
+            if ok:
+                from localseek.quant.cpu_attention import supported
+
+                ok = supported(self.wk_b, self.wv_b, self.nope_dim, self.kv_lora_rank)
+            self._fused = ok
+        return (
+            self._fused
+            and x.dtype == f32
+            and x.device.type == "cpu"
+            and cache.kv.dtype == f32
+            and cache.kv.device.type == "cpu"
+        )
 
     def _causal_mask(self, T: int, S: int, start: int, device: torch.device) -> torch.Tensor:
         # query i (position start+i) sees keys 0 .. start+i
