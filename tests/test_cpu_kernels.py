@@ -323,3 +323,24 @@ def test_one_call_decode_attention_against_float64(qtype, H, pos) -> None:
     n = pos + 1
     with pytest.raises(ValueError, match=f"position {n} is outside a cache of {n} positions"):
         mla_decode(q, kv, norm_w, 1e-6, rot, c_cache[:n], pe_cache[:n], n, wk_b, wv_b, 0.1, True)
+
+
+def test_numba_norms_against_float64() -> None:
+    """RMSNorm of a few rows (decode) and the residual add before it, as one numba call each,
+    against float64; a strided input is read as its values, and many rows go to torch."""
+    from localseek.model.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(11)
+    norm = RMSNorm(torch.rand(96, generator=g) + 0.5, 1e-6)
+
+    def want(x):
+        x = x.double()
+        return x / (x.square().mean(-1, keepdim=True) + 1e-6).sqrt() * norm.weight.double()
+
+    for x in (torch.randn(1, 1, 96, generator=g), torch.randn(3, 192, generator=g)[:, ::2]):
+        assert _rel(norm(x), want(x)) < 1e-6
+        a = torch.randn(x.shape, generator=g)
+        s, h = norm.add(x, a)
+        assert torch.equal(s, x + a) and _rel(h, want(x + a)) < 1e-6
+    many = torch.randn(40, 96, generator=g)
+    assert _rel(norm(many), want(many)) < 1e-6

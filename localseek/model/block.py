@@ -43,5 +43,5 @@ class Block(nn.Module):
         rope: RotaryEmbedding,
         absorb: bool | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), start, cache, rope, absorb)
-        return x + self.ffn(self.ffn_norm(x))
+        x, h = self.ffn_norm.add(x, self.attn(self.attn_norm(x), start, cache, rope, absorb))
+        return x + self.ffn(h)
