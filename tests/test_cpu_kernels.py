@@ -18,7 +18,7 @@ import localseek
 import localseek.engine
 from localseek.checkpoint import open_checkpoint
 from localseek.gguf_writer import write_gguf
-from localseek.model.moe import ReferenceExperts
+from localseek.model.moe import ReferenceExperts, route
 from localseek.offload import CPUExperts
 from localseek.quant import QTensor, linear
 from localseek.quant.cpu_kernels import qmatmul
@@ -344,3 +344,49 @@ def test_numba_norms_against_float64() -> None:
         assert torch.equal(s, x + a) and _rel(h, want(x + a)) < 1e-6
     many = torch.randn(40, 96, generator=g)
     assert _rel(norm(many), want(many)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "scoring,method,groups,norm,model_type,k",
+    [
+        ("sigmoid", "noaux_tc", (8, 4), True, "deepseek_v3", 8),
+        ("softmax", "greedy", (1, 1), False, "deepseek_v2", 6),
+        ("softmax", "group_limited_greedy", (4, 2), True, "deepseek_v2", 3),
+        ("softmax", "greedy", (1, 1), True, "deepseek_v2", 1),
+        ("sigmoid", "noaux_tc", (1, 1), False, "deepseek_v3", 4),
+    ],
+)
+def test_numba_router_equals_route(scoring, method, groups, norm, model_type, k) -> None:
+    """The router's logits and the choice of experts in one numba call (decode) give what
+    ``model.moe.route`` gives on torch's logits: the same experts, best first, the same weights."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from localseek.model.moe import MoE
+
+    cfg = SimpleNamespace(
+        scoring_func=scoring,
+        topk_method=method,
+        n_group=groups[0],
+        topk_group=groups[1],
+        num_experts_per_tok=k,
+        norm_topk_prob=norm,
+        model_type=model_type,
+        routed_scaling_factor=2.5,
+    )
+    g = torch.Generator().manual_seed(k)
+    E, D = 64, 256
+    gate = torch.randn(E, D, generator=g) / 16
+    bias = torch.randn(E, generator=g) * 0.1 if scoring == "sigmoid" else None
+    x = torch.randn(5, D, generator=g)
+    moe = MoE.__new__(MoE)
+    torch.nn.Module.__init__(moe)
+    moe.cfg, moe.gate, moe.bias = cfg, gate, bias
+    ids, wts = moe.route(x)  # 5 rows: the numba path
+    want_ids, want_wts = route(F.linear(x, gate), bias, cfg)
+    assert torch.equal(ids, want_ids)
+    assert _rel(wts, want_wts) < 1e-6
+    assert ids.dtype == torch.int64 and wts.dtype == torch.float32
+    many = torch.randn(20, D, generator=g)  # above the numba path's rows: torch
+    assert torch.equal(moe.route(many)[0], route(F.linear(many, gate), bias, cfg)[0])
