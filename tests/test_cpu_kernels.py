@@ -181,14 +181,14 @@ def test_fused_layer_equals_reference(formats, inter) -> None:
 
 
 def test_linear_uses_cpu_kernel_for_quantized_weights(monkeypatch) -> None:
-    """A Q4_K weight on the CPU goes through qmatmul (batch dims kept), equal to dequantize."""
+    """A Q4_K weight on the CPU goes through the kernel (batch dims kept), equal to dequantize."""
     (w,) = _random_weights("ggml_q4_k", (40, 512), 1, seed=6)
     x = torch.randn(2, 3, 512)
     calls = []
     import localseek.quant.cpu_kernels as ck
 
-    real = ck.qmatmul
-    monkeypatch.setattr(ck, "qmatmul", lambda *a: calls.append(1) or real(*a))
+    real = ck.qmatmul_weight
+    monkeypatch.setattr(ck, "qmatmul_weight", lambda *a: calls.append(1) or real(*a))
     y = linear(x, w)
     assert calls and y.shape == (2, 3, 40)
     ref = x.double() @ w.dequantize(torch.float32).double().T

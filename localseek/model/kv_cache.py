@@ -20,6 +20,16 @@ class KVCache:
         self.kv = torch.zeros(L, batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
         self.pe = torch.zeros(L, batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
 
+        self._arrays: dict[int, tuple] = {}
+
+    def arrays(self, layer: int):
+        """numpy views (max_len, kv_lora_rank), (max_len, rope_dim) of sequence 0's cache in
+        ``layer``, made once (CPU caches only): what the CPU decode attention writes and reads."""
+        got = self._arrays.get(layer)
+        if got is None:
+            got = self._arrays[layer] = (self.kv[layer, 0].numpy(), self.pe[layer, 0].numpy())
+        return got
+
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()

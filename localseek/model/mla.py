@@ -83,18 +83,20 @@ class MLA(nn.Module):
             if self.q_lora
             else linear(x, self.wq, ex)
         )
-        if T == 1 and B == 1 and absorb is not False and self._fuses(x, cache):
+        fuse = T == 1 and B == 1 and absorb is not False and rope.pairs is not None
+        if fuse and self._fuses(x, cache):
             from localseek.quant.cpu_attention import mla_decode
 
             kv = linear(x, self.wkv_a, ex).view(-1)
+            c_cache, pe_cache = cache.arrays(self.layer)
             out = mla_decode(
                 q.view(H, -1),
                 kv,
                 self.kv_norm.weight,
                 self.kv_norm.eps,
-                rope.rot[start],
-                cache.kv[self.layer, 0],
-                cache.pe[self.layer, 0],
+                rope.pairs[start],
+                c_cache,
+                pe_cache,
                 start,
                 self.wk_b,
                 self.wv_b,

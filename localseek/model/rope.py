@@ -45,6 +45,8 @@ class RotaryEmbedding:
         freqs = torch.outer(positions, inv_freq)  # (max_len, rope_dim/2)
         cos, sin = freqs.cos() * attention_factor, freqs.sin() * attention_factor
         self.rot = torch.complex(cos, sin).to(device)  # (max_len, rope_dim/2)
+        # the same as float32 (cos, sin) pairs in numpy, for the CPU kernels (decode attention)
+        self.pairs = torch.view_as_real(self.rot).numpy() if self.rot.device.type == "cpu" else None
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x (B, T, ..., rope_dim) for positions start .. start+T-1, in x's dtype:

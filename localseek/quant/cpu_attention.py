@@ -24,9 +24,8 @@ from localseek.quant.cpu_kernels import (
     _check_width,
     _gemm_stream,
     _prepare,
-    _scale2d,
     _stream_ok,
-    raw_bytes,
+    kernel_args,
 )
 from localseek.quant.tensor import QTensor
 
@@ -88,12 +87,12 @@ def _axpy1(o, a, x) -> None:
 
 
 @njit(inline="always")
-def _rotate(x, o, re, im, dst, d0) -> None:
-    """dst[d0 + 2i], dst[d0 + 2i + 1] = (x[o + 2i], x[o + 2i + 1]) rotated by re[i] + i im[i]."""
-    for i in range(re.shape[0]):
-        x0, x1 = x[o + 2 * i], x[o + 2 * i + 1]
-        dst[d0 + 2 * i] = x0 * re[i] - x1 * im[i]
-        dst[d0 + 2 * i + 1] = x0 * im[i] + x1 * re[i]
+def _rotate(x, o, rot, dst, d0) -> None:
+    """dst[d0 + 2i], dst[d0 + 2i + 1] = (x[o + 2i], x[o + 2i + 1]) times rot[i, 0] + i rot[i, 1]."""
+    for i in range(rot.shape[0]):
+        x0, x1, re, im = x[o + 2 * i], x[o + 2 * i + 1], rot[i, 0], rot[i, 1]
+        dst[d0 + 2 * i] = x0 * re - x1 * im
+        dst[d0 + 2 * i + 1] = x0 * im + x1 * re
 
 
 @njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
@@ -102,8 +101,7 @@ def _mla_decode(
     kv: np.ndarray,  # float32 (C + R,): the latent and the shared key, before norm / RoPE
     norm_w: np.ndarray,  # float32 (C,): kv_norm's weight
     eps: float,
-    re: np.ndarray,  # float32 (R / 2,): the position's rotation (real part)
-    im: np.ndarray,  # float32 (R / 2,): and imaginary part
+    rot: np.ndarray,  # float32 (R / 2, 2): the position's rotation, (real, imaginary) pairs
     c_cache: np.ndarray,  # float32 (max_len, C): this layer's latent cache, written at pos
     pe_cache: np.ndarray,  # float32 (max_len, R): this layer's rotated keys, written at pos
     pos: int,
@@ -119,7 +117,7 @@ def _mla_decode(
     out: np.ndarray,  # float32 (H, V): the heads' outputs, wo's input
 ) -> None:
     H, V, C = q.shape[0], out.shape[1], norm_w.shape[0]
-    R = 2 * re.shape[0]
+    R = 2 * rot.shape[0]
     nope = q.shape[1] - R
     S = pos + 1
     # the latent: RMSNorm (float32, as F.rms_norm), then the cache; the shared key: RoPE
@@ -129,14 +127,14 @@ def _mla_decode(
     inv = np.float32(1) / np.sqrt(ss / np.float32(C) + np.float32(eps))
     for i in range(C):
         c_cache[pos, i] = (kv[i] * inv) * norm_w[i]
-    _rotate(kv, C, re, im, pe_cache[pos], 0)
+    _rotate(kv, C, rot, pe_cache[pos], 0)
     # every head's query: the rope part rotated, the rest through W_UK into the latent space
     q_lat = np.empty((H, C), dtype=np.float32)
     q_rot = np.empty((H, R), dtype=np.float32)
     for h in prange(H):
         qn = np.empty((1, nope), dtype=np.float32)
         qn[0] = q[h, :nope]
-        _rotate(q[h], nope, re, im, q_rot[h], 0)
+        _rotate(q[h], nope, rot, q_rot[h], 0)
         quant, xp, xq, dx, xs = _prepare(fk, qn, exact)
         _gemm_stream(fk, wk, sk, quant, xp, xq, dx, xs, 0, 1, h * C, h * C + C, q_lat[h:], f16)
     # scores: a chunk of positions per work item, 4 heads x 4 positions per pass
@@ -198,14 +196,18 @@ def supported(wk_b: QTensor, wv_b: QTensor, nope: int, rank: int) -> bool:
     )
 
 
+def _np(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    return t if isinstance(t, np.ndarray) else t.numpy()
+
+
 def mla_decode(
     q: torch.Tensor,
     kv: torch.Tensor,
     norm_w: torch.Tensor,
     eps: float,
-    rot: torch.Tensor,
-    c_cache: torch.Tensor,
-    pe_cache: torch.Tensor,
+    rot: torch.Tensor | np.ndarray,
+    c_cache: torch.Tensor | np.ndarray,
+    pe_cache: torch.Tensor | np.ndarray,
     pos: int,
     wk_b: QTensor,
     wv_b: QTensor,
@@ -219,9 +221,10 @@ def mla_decode(
         q: float32 (H, nope + R), the query projection's output.
         kv: float32 (C + R,), the ``wkv_a`` projection's output.
         norm_w: kv_norm's float32 weight (C,).
-        rot: complex64 (R / 2,), the rotation of position ``pos`` (``RotaryEmbedding.rot``).
-        c_cache, pe_cache: float32 (max_len, C) and (max_len, R) views of this layer's cache
-            (rows contiguous); written at ``pos``.
+        rot: the rotation of position ``pos``: complex64 (R / 2,) (``RotaryEmbedding.rot``)
+            or its float32 (R / 2, 2) pairs as a numpy array (``RotaryEmbedding.pairs``).
+        c_cache, pe_cache: float32 (max_len, C) and (max_len, R) tensors or numpy arrays,
+            this layer's cache (rows contiguous); written at ``pos``.
         wk_b: (H * C, nope), W_UK per head as llama.cpp stores it; wv_b: (H * V, C).
         exact: float32 activations into wk_b / wv_b (else int8 per 32, as ``linear``).
     Returns:
@@ -231,28 +234,27 @@ def mla_decode(
         raise ValueError(f"position {pos} is outside a cache of {c_cache.shape[0]} positions")
     H = q.shape[0]
     out = np.empty((H, wv_b.shape[0] // H), dtype=np.float32)
-    wk, wv = raw_bytes(wk_b.data), raw_bytes(wv_b.data)
-    fk, fv = KERNEL_FORMATS[wk_b.qtype], KERNEL_FORMATS[wv_b.qtype]
+    (fk, wk, sk), (fv, wv, sv) = kernel_args(wk_b), kernel_args(wv_b)
     R = pe_cache.shape[1]
     _check_width(fk, wk, q.shape[1] - R)
     _check_width(fv, wv, c_cache.shape[1])
-    rot = torch.view_as_real(rot)
+    if isinstance(rot, torch.Tensor):
+        rot = torch.view_as_real(rot).numpy()
     _mla_decode(
         q.numpy(),
         kv.numpy(),
         norm_w.numpy(),
         eps,
-        rot[:, 0].contiguous().numpy(),
-        rot[:, 1].contiguous().numpy(),
-        c_cache.numpy(),
-        pe_cache.numpy(),
+        rot,
+        _np(c_cache),
+        _np(pe_cache),
         pos,
         fk,
         wk,
-        _scale2d(wk_b.scale),
+        sk,
         fv,
         wv,
-        _scale2d(wv_b.scale),
+        sv,
         softmax_scale,
         bool(exact),
         F16_LUT,

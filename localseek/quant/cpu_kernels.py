@@ -40,6 +40,7 @@ from localseek.quant.cpu_rowdot import (
     make_rowdot_i8,
 )
 from localseek.quant.fp8 import FP8_BLOCK, FP8_QTYPE
+from localseek.quant.tensor import QTensor
 
 KERNEL_FORMATS: dict[str, int] = {
     "ggml_q8_0": FMT_Q8_0,
@@ -365,9 +366,12 @@ def _qmatmul(
                 y[t0 + t, j0 + i] = part[t, i]
 
 
+_NO_SCALE = np.zeros((1, 1), dtype=np.float32)  # the scales argument of the GGML formats
+
+
 def _scale2d(scale: torch.Tensor | None) -> np.ndarray:
     if scale is None:
-        return np.zeros((1, 1), dtype=np.float32)
+        return _NO_SCALE
     return np.ascontiguousarray(scale.detach().cpu().numpy(), dtype=np.float32)
 
 
@@ -387,6 +391,43 @@ def raw_bytes(data: torch.Tensor) -> np.ndarray:
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     return arr
+
+
+def kernel_args(w: QTensor) -> tuple[int, np.ndarray, np.ndarray]:
+    """(format code, stored bytes, 2-D scales) of a CPU-kernel QTensor, made once and kept on
+    it while its data and scale stay the same objects: a decode step calls ~25 kernels, and
+    rebuilding these views (torch -> numpy, a scales array) was a visible share of each call."""
+    got = getattr(w, "_kernel_args", None)
+    if got is None or got[0] is not w.data or got[1] is not w.scale:
+        got = (w.data, w.scale, KERNEL_FORMATS[w.qtype], raw_bytes(w.data), _scale2d(w.scale))
+        w._kernel_args = got
+    return got[2], got[3], got[4]
+
+
+def _activations(x: torch.Tensor) -> np.ndarray:
+    xs = x.detach().numpy()
+    return (
+        xs
+        if xs.dtype == np.float32 and xs.flags.c_contiguous
+        else np.ascontiguousarray(xs, np.float32)
+    )
+
+
+def qmatmul_weight(
+    x: torch.Tensor, w: QTensor, exact: bool = True, groups: int = 1
+) -> torch.Tensor:
+    """``qmatmul`` for a QTensor, with its kernel arguments kept on it (``kernel_args``)."""
+    fmt, arr, sc = kernel_args(w)
+    return _run_qmatmul(_activations(x), fmt, arr, sc, exact, groups)
+
+
+def _run_qmatmul(xs, fmt, w, sc, exact, groups) -> torch.Tensor:
+    if xs.shape[0] % groups or w.shape[0] % groups:
+        raise ValueError(f"{xs.shape[0]} tokens and {w.shape[0]} rows in {groups} groups")
+    _check_width(fmt, w, xs.shape[1])
+    y = np.empty((xs.shape[0], w.shape[0] // groups), dtype=np.float32)
+    _qmatmul(fmt, w, sc, xs, y, F16_LUT, FP8_LUT, bool(exact), groups)
+    return torch.from_numpy(y)
 
 
 def qmatmul(
@@ -412,15 +453,8 @@ def qmatmul(
     Returns:
         float32 (T, rows), or (G * N, R) with groups.
     """
-    fmt = KERNEL_FORMATS[qtype]
     xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
-    w = raw_bytes(data)
-    if xs.shape[0] % groups or w.shape[0] % groups:
-        raise ValueError(f"{xs.shape[0]} tokens and {w.shape[0]} rows in {groups} groups")
-    _check_width(fmt, w, xs.shape[1])
-    y = np.empty((xs.shape[0], w.shape[0] // groups), dtype=np.float32)
-    _qmatmul(fmt, w, _scale2d(scale), xs, y, F16_LUT, FP8_LUT, bool(exact), groups)
-    return torch.from_numpy(y)
+    return _run_qmatmul(xs, KERNEL_FORMATS[qtype], raw_bytes(data), _scale2d(scale), exact, groups)
 
 
 # --- SwiGLU: gate and up in one pass ----------------------------------------------------------
@@ -484,16 +518,25 @@ def swiglu(
     Returns:
         float32 (T, inter).
     """
-    xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
     (q1, d1, sc1), (q3, d3, sc3) = w1, w3
-    a1, a3 = raw_bytes(d1), raw_bytes(d3)
-    f1, f3 = KERNEL_FORMATS[q1], KERNEL_FORMATS[q3]
+    p1 = KERNEL_FORMATS[q1], raw_bytes(d1), _scale2d(sc1)
+    p3 = KERNEL_FORMATS[q3], raw_bytes(d3), _scale2d(sc3)
+    return _run_swiglu(np.ascontiguousarray(x.detach().numpy(), dtype=np.float32), p1, p3, exact)
+
+
+def swiglu_weights(x: torch.Tensor, w1: QTensor, w3: QTensor, exact: bool = True) -> torch.Tensor:
+    """``swiglu`` for QTensors, with their kernel arguments kept on them (``kernel_args``)."""
+    return _run_swiglu(_activations(x), kernel_args(w1), kernel_args(w3), exact)
+
+
+def _run_swiglu(xs, p1, p3, exact) -> torch.Tensor:
+    (f1, a1, s1), (f3, a3, s3) = p1, p3
     _check_width(f1, a1, xs.shape[1])
     _check_width(f3, a3, xs.shape[1])
     if a1.shape[0] != a3.shape[0]:
         raise ValueError(f"gate and up have {a1.shape[0]} and {a3.shape[0]} rows")
     h = np.empty((xs.shape[0], a1.shape[0]), dtype=np.float32)
-    _swiglu(f1, a1, _scale2d(sc1), f3, a3, _scale2d(sc3), xs, h, F16_LUT, FP8_LUT, bool(exact))
+    _swiglu(f1, a1, s1, f3, a3, s3, xs, h, F16_LUT, FP8_LUT, bool(exact))
     return torch.from_numpy(h)
 
 

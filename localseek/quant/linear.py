@@ -23,15 +23,24 @@ def linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tensor:
     """
     if isinstance(w, QTensor):
         if from_blocks(w) and x.device.type == "cpu":
-            from localseek.quant.cpu_kernels import qmatmul  # numba: imported on first use
+            from localseek.quant.cpu_kernels import qmatmul_weight  # numba: imported on use
 
-            flat = x.reshape(-1, x.shape[-1]).float()  # (B*T, in)
-            y = qmatmul(flat, w.qtype, w.data, w.scale, exact)  # (B*T, out)
-            return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+            y = qmatmul_weight(_rows(x), w, exact)  # (B*T, out)
+            return _back(y, x).reshape(*x.shape[:-1], w.shape[0])
         if w.device.type != "cpu" and gpu_kernels.supports(w):  # GPU tier: tile by tile
             return gpu_kernels.qmatmul(x, w)
         w = w.dequantize(x.dtype)
     return F.linear(x, w)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as float32 rows (B*T, in) for the CPU kernels; no op where it already is one."""
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return flat if flat.dtype == torch.float32 else flat.float()
+
+
+def _back(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def from_blocks(w: Weight | None) -> bool:
@@ -50,11 +59,10 @@ def swiglu_linear(x: torch.Tensor, w1: Weight, w3: Weight, exact: bool = True) -
     from their blocks go through one kernel call for both (one parallel region, not two, and
     the activation fused); others through ``linear``."""
     if from_blocks(w1) and from_blocks(w3) and x.device.type == "cpu":
-        from localseek.quant.cpu_kernels import swiglu
+        from localseek.quant.cpu_kernels import swiglu_weights
 
-        flat = x.reshape(-1, x.shape[-1]).float()  # (B*T, in)
-        h = swiglu(flat, (w1.qtype, w1.data, w1.scale), (w3.qtype, w3.data, w3.scale), exact)
-        return h.to(x.dtype).reshape(*x.shape[:-1], w1.shape[0])
+        h = swiglu_weights(_rows(x), w1, w3, exact)
+        return _back(h, x).reshape(*x.shape[:-1], w1.shape[0])
     return F.silu(linear(x, w1, exact)) * linear(x, w3, exact)
 
 
@@ -73,10 +81,10 @@ def grouped_linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tens
     xg = x.reshape(-1, G, n_in).transpose(0, 1)  # (G, N, in)
     N = xg.shape[1]
     if from_blocks(w) and x.device.type == "cpu":
-        from localseek.quant.cpu_kernels import qmatmul
+        from localseek.quant.cpu_kernels import qmatmul_weight
 
         flat = xg.reshape(G * N, n_in).float()  # (G * N, in), group-major
-        y = qmatmul(flat, w.qtype, w.data, w.scale, exact, groups=G)  # (G * N, R)
+        y = qmatmul_weight(flat, w, exact, groups=G)  # (G * N, R)
         return y.view(G, N, R).transpose(0, 1).reshape(*lead, G, R).to(x.dtype)
     wd = dense(w, x.dtype).view(G, R, n_in)
     return (xg @ wd.transpose(1, 2)).transpose(0, 1).reshape(*lead, G, R)  # (G, N, R) first
