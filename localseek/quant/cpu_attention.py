@@ -9,6 +9,9 @@ on caches the weight-streaming kernels had just flushed: ~2 ms of a 22 ms step o
 V2-Lite-shaped model. Here it is one parallel region, heads split over the threads; the two
 per-head products run the same row kernels (``cpu_kernels._gemm_stream``) on the same
 activations as ``grouped_linear``, so ``wk_b`` / ``wv_b`` give the same numbers bit for bit.
+
+numba caches this module keyed on this file alone: after editing ``cpu_kernels`` or
+``cpu_rowdot``, delete ``localseek/quant/__pycache__/*.nb*``.
 """
 
 from __future__ import annotations

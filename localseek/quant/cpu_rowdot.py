@@ -18,8 +18,9 @@ each block once for all ``nt`` tokens; rows are looped over inside it, so a row 
 call nor an array view (that was 30% of a 2048-wide Q4_K row). Accumulation is float32 in
 vector lanes. The IR is target-neutral apart from vpdpbusd: LLVM picks the instructions.
 
-numba's on-disk cache of ``cpu_kernels`` keys on that file only: after editing this one, delete
-``localseek/quant/__pycache__/cpu_kernels*.nb*``.
+numba's on-disk cache of ``cpu_kernels`` (and of ``cpu_attention``, which inlines its row loops)
+keys on each module's own file only: after editing this one, delete
+``localseek/quant/__pycache__/*.nb*``.
 """
 
 from __future__ import annotations
