@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from localseek.config import ModelConfig
@@ -19,10 +20,9 @@ class KVCache:
         self.max_len = max_len
         self.kv = torch.zeros(L, batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
         self.pe = torch.zeros(L, batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-        self._arrays: dict[int, tuple] = {}
-
-    def arrays(self, layer: int):
+    def arrays(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """numpy views (max_len, kv_lora_rank), (max_len, rope_dim) of sequence 0's cache in
         ``layer``, made once (CPU caches only): what the CPU decode attention writes and reads."""
         got = self._arrays.get(layer)
