@@ -6,7 +6,8 @@ latent, RoPE of the shared key and of every head's query, the cache write, W_UK 
 (``wk_b``), scores over the latent cache, softmax, the weighted sum of the latents and W_UV per
 head (``wv_b``). As torch ops that was ~25 small calls a layer, each paying dispatch and running
 on caches the weight-streaming kernels had just flushed: ~2 ms of a 22 ms step on a 4-layer
-V2-Lite-shaped model. Here it is one parallel region, heads split over the threads; the two
+V2-Lite-shaped model. Here it is one call (five parallel loops over heads, positions or head
+groups); the two
 per-head products run the same row kernels (``cpu_kernels._gemm_stream``) on the same
 activations as ``grouped_linear``, so ``wk_b`` / ``wv_b`` give the same numbers bit for bit.
 
