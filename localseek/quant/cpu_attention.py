@@ -7,9 +7,9 @@ latent, RoPE of the shared key and of every head's query, the cache write, W_UK 
 head (``wv_b``). As torch ops that was ~25 small calls a layer, each paying dispatch and running
 on caches the weight-streaming kernels had just flushed: ~2 ms of a 22 ms step on a 4-layer
 V2-Lite-shaped model. Here it is one call (five parallel loops over heads, positions or head
-groups); the two
-per-head products run the same row kernels (``cpu_kernels._gemm_stream``) on the same
-activations as ``grouped_linear``, so ``wk_b`` / ``wv_b`` give the same numbers bit for bit.
+groups); the two per-head products run the same row kernels (``cpu_kernels._gemm_stream``) on
+the same activations as ``grouped_linear``, so ``wk_b`` / ``wv_b`` give the same numbers bit
+for bit.
 
 numba caches this module keyed on this file alone: after editing ``cpu_kernels`` or
 ``cpu_rowdot``, delete ``localseek/quant/__pycache__/*.nb*``.
