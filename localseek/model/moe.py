@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localseek.config import ModelConfig
+from localseek.model.norm import NUMBA_ROWS
 from localseek.quant import Weight, linear
 from localseek.quant.linear import swiglu_linear
 
@@ -122,7 +123,7 @@ class MoE(nn.Module):
         """The router (float32) and ``route`` for tokens (N, D): one numba call for a few rows
         on the CPU (torch's linear, softmax and topk took ~250 us a layer in a decode step)."""
         gate, bias = self.gate.float(), None if self.bias is None else self.bias.float()
-        few = flat.shape[0] <= 16 and flat.dtype == gate.dtype == torch.float32
+        few = flat.shape[0] <= NUMBA_ROWS and flat.dtype == gate.dtype == torch.float32
         if few and flat.device.type == gate.device.type == "cpu":
             from localseek.quant import cpu_ops  # numba: imported on first use
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ROWS = 16  # rows up to which a norm on the CPU is one numba call (quant.cpu_ops)
+NUMBA_ROWS = 16  # rows up to which a norm or the router on the CPU is one numba call (cpu_ops)
 
 
 def _numba_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -17,7 +17,7 @@ def _numba_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
         and w.dtype == f32
         and x.device.type == "cpu"
         and w.device.type == "cpu"
-        and x.numel() <= _ROWS * x.shape[-1]
+        and x.numel() <= NUMBA_ROWS * x.shape[-1]
     )
 
 

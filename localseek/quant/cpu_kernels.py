@@ -453,7 +453,7 @@ def qmatmul(
     Returns:
         float32 (T, rows), or (G * N, R) with groups.
     """
-    xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+    xs = _activations(x)
     return _run_qmatmul(xs, KERNEL_FORMATS[qtype], raw_bytes(data), _scale2d(scale), exact, groups)
 
 
@@ -521,7 +521,7 @@ def swiglu(
     (q1, d1, sc1), (q3, d3, sc3) = w1, w3
     p1 = KERNEL_FORMATS[q1], raw_bytes(d1), _scale2d(sc1)
     p3 = KERNEL_FORMATS[q3], raw_bytes(d3), _scale2d(sc3)
-    return _run_swiglu(np.ascontiguousarray(x.detach().numpy(), dtype=np.float32), p1, p3, exact)
+    return _run_swiglu(_activations(x), p1, p3, exact)
 
 
 def swiglu_weights(x: torch.Tensor, w1: QTensor, w3: QTensor, exact: bool = True) -> torch.Tensor:

@@ -315,8 +315,20 @@ PF = 1024
 QUNIT = {FMT_Q8_0: (32, 34), FMT_Q4_0: (32, 18), FMT_Q4_K: (256, 144)}
 _VB = _vec(_I8, 32)  # 32 bytes: one ymm
 _VD = _vec(_I32, 8)
-# per 16-bit word of a 32-byte vector: no shift for the lower 16 bytes, 4 for the upper ones
-_SHIFT_HI16 = ir.Constant(_vec(_I16, 16), [0] * 8 + [4] * 8)
+
+
+def _nibbles(b: ir.IRBuilder, w: ir.Value) -> ir.Value:
+    """<n x i8> packed nibbles -> <2n x i8>: the n low nibbles, then the n high ones.
+
+    The bytes go into both halves of one vector (a broadcast load, no shuffle), the upper half
+    is shifted right by 4 per 16-bit word, and one mask keeps the low nibble of every byte:
+    three whole-vector ops, where splitting the halves and concatenating them cost a shuffle
+    per 32 bytes and left the loops shuffle-bound."""
+    n = w.type.count
+    both = b.shuffle_vector(w, w, ir.Constant(_vec(_I32, 2 * n), [*range(n)] * 2))
+    shift = ir.Constant(_vec(_I16, n), [0] * (n // 2) + [4] * (n // 2))
+    both = b.lshr(b.bitcast(both, _vec(_I16, n)), shift)
+    return b.and_(b.bitcast(both, _vec(_I8, 2 * n)), _splat(_I8, 2 * n, 15))
 
 
 def target_vnni() -> int:
@@ -446,19 +458,11 @@ def make_rowdot_i8(fmt: int, nt: int):
                             b.store(b.fadd(b.load(mins[t]), b.fmul(dm, xsv)), mins[t])
                             dxv = g.load(dxp, b.add(brow[t], sub), vf, _F32)
                             s_t.append(b.fmul(dsc, dxv))
-                        nib64 = _splat(_I8, 64, 15)
-                        both = ir.Constant(_vec(_I32, 64), list(range(32)) * 2)
-                        halves4 = ir.Constant(_vec(_I16, 32), [0] * 16 + [4] * 16)
                         for grp in range(4):
                             # sub-blocks 2 grp (low nibbles) and 2 grp + 1 (high): 64 weights
                             # that pair with 64 consecutive activations
-                            # the 32 bytes in both halves of one 512-bit vector (a broadcast
-                            # load, no shuffle), the upper half shifted right by 4 per 16-bit
-                            # word, then the low nibble of every byte: low nibbles, then high
                             wv = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), _VB, _I8)
-                            w64 = b.bitcast(b.shuffle_vector(wv, wv, both), _vec(_I16, 32))
-                            w64 = b.bitcast(b.lshr(w64, halves4), _vec(_I8, 64))
-                            w64 = b.and_(w64, nib64)
+                            w64 = _nibbles(b, wv)
                             pick = ir.Constant(_vec(_I32, 16), [2 * grp] * 8 + [2 * grp + 1] * 8)
                             for t in range(nt):
                                 xo = b.add(xrow[t], b.add(x0, g.i64(64 * grp)))
@@ -475,14 +479,9 @@ def make_rowdot_i8(fmt: int, nt: int):
                             wv = g.load(rowp, b.add(base, g.i64(2)), _VB, _I8)
                             neg = b.icmp_signed("<", wv, _splat(_I8, 32, 0))
                             return d, b.select(neg, b.neg(wv), wv), neg  # -128 is 128 unsigned
-                        # Q4_0: 16 bytes, low nibbles values 0..15, high ones 16..31: the bytes
-                        # in both halves (a broadcast load), the upper half shifted by 4, & 15
+                        # Q4_0: 16 bytes, low nibbles values 0..15, high ones 16..31
                         w16 = g.load(rowp, b.add(base, g.i64(2)), _vec(_I8, 16), _I8)
-                        w32 = b.shuffle_vector(
-                            w16, w16, ir.Constant(_vec(_I32, 32), [*range(16)] * 2)
-                        )
-                        w32 = b.lshr(b.bitcast(w32, _vec(_I16, 16)), _SHIFT_HI16)
-                        return d, b.and_(b.bitcast(w32, _VB), _splat(_I8, 32, 15)), None
+                        return d, _nibbles(b, w16), None
 
                     def scaled(t, u, d):  # d dx[t, u] and the odd block's Q4_0 term
                         blk = b.add(brow[t], u)
@@ -497,9 +496,8 @@ def make_rowdot_i8(fmt: int, nt: int):
                         u1 = b.add(u, g.i64(1))
                         pb = b.mul(u, g.i64(bpu))
                         g.prefetch(rowp, b.add(pb, g.i64(PF)))
-                        if (
-                            2 * bpu > 64
-                        ):  # a Q8_0 pair spans two lines; every line has a Q4_0 pair start
+                        # a Q8_0 pair spans two lines; every line holds a Q4_0 pair's start
+                        if 2 * bpu > 64:
                             g.prefetch(rowp, b.add(pb, g.i64(PF + 2 * bpu - 1)))
                         (d0, w0, n0), (d1, w1, n1) = block32(u), block32(u1)
                         w64 = b.shuffle_vector(w0, w1, _iota(64))
