@@ -33,6 +33,7 @@ from localseek.checkpoint.gguf_names import (
 from localseek.config import ModelConfig, YarnScaling
 from localseek.errors import CheckpointError
 from localseek.quant import QTensor, Weight
+from localseek.quant.formats import ggml_names
 from localseek.quant.ggml import DENSE_TYPES, GGML_QTYPES, ggml_qtensor
 from localseek.tokenizer import Tokenizer
 
@@ -149,8 +150,7 @@ class GGUFCheckpoint(Checkpoint):
         if qtype not in DENSE_TYPES and qtype not in GGML_QTYPES:
             raise CheckpointError(
                 f"{shard}: tensor '{t.name}' has quantization type {qtype.name}, which localseek "
-                "does not read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, "
-                "IQ4_NL, IQ4_XS)."
+                f"does not read ({ggml_names()})."
             )
         block, size = GGML_QUANT_SIZES[qtype]
         need = int(t.n_elements) // block * size

@@ -22,6 +22,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
+from localseek.quant.formats import BY_GGML, DENSE_GGML
 from localseek.quant.fp8 import FP8_BLOCK, fp8_scale_shape
 
 QK_K = 256
@@ -29,13 +30,8 @@ Q4_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]  # 144: d, dmin, sca
 FP8_MAX = 448.0
 
 # The types `localseek quantize` writes, by the names users type.
-WRITABLE: dict[str, GGMLQuantizationType] = {
-    "f32": GGMLQuantizationType.F32,
-    "f16": GGMLQuantizationType.F16,
-    "bf16": GGMLQuantizationType.BF16,
-    "q8_0": GGMLQuantizationType.Q8_0,
-    "q4_0": GGMLQuantizationType.Q4_0,
-    "q4_k": GGMLQuantizationType.Q4_K,
+WRITABLE: dict[str, GGMLQuantizationType] = {t.name.lower(): t for t in DENSE_GGML} | {
+    f.ggml.name.lower(): f.ggml for f in BY_GGML.values() if f.writable
 }
 
 

@@ -31,25 +31,33 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from localseek.quant.cpu_rowdot import (
+from localseek.quant.cpu_codes import make_rowdot_codes
+from localseek.quant.cpu_rowdot import make_rowdot, make_rowdot_i8
+from localseek.quant.formats import (
+    FIRST_CODES,
     FMT_FP8,
+    FMT_IQ4_NL,
+    FMT_IQ4_XS,
+    FMT_MXFP4,
+    FMT_Q2_K,
+    FMT_Q3_K,
     FMT_Q4_0,
+    FMT_Q4_1,
     FMT_Q4_K,
+    FMT_Q5_0,
+    FMT_Q5_1,
+    FMT_Q5_K,
+    FMT_Q6_K,
     FMT_Q8_0,
-    make_rowdot,
-    make_rowdot_i8,
+    FORMATS,
 )
-from localseek.quant.fp8 import FP8_BLOCK, FP8_QTYPE
+from localseek.quant.fp8 import FP8_BLOCK
 from localseek.quant.tensor import QTensor
 
-KERNEL_FORMATS: dict[str, int] = {
-    "ggml_q8_0": FMT_Q8_0,
-    "ggml_q4_0": FMT_Q4_0,
-    "ggml_q4_k": FMT_Q4_K,
-    FP8_QTYPE: FMT_FP8,
-}
+KERNEL_FORMATS: dict[str, int] = {tag: f.cpu_code for tag, f in FORMATS.items()}
 # elements per block, bytes per block (FP8: one byte per element, the block is the scale's)
-_BLOCK = {FMT_Q8_0: (32, 34), FMT_Q4_0: (32, 18), FMT_Q4_K: (256, 144), FMT_FP8: (128, 128)}
+_BLOCK = {f.cpu_code: (f.block, f.block_bytes) for f in FORMATS.values()}
+_FIRST_CODES = FIRST_CODES  # format codes from here on are cpu_codes formats
 
 _TILE = 256  # columns decoded at once: one Q4_K super-block, 8 Q8_0/Q4_0 blocks, 2 FP8 blocks
 _TILE_ROWS = 16  # rows decoded at once (the vector lanes); a thread's unit of work
@@ -67,6 +75,67 @@ _RD4_Q8_0, _RD4_Q4_0, _RD4_Q4_K, _RD4_FP8 = (
 )
 _RQ1_Q8_0, _RQ1_Q4_0, _RQ1_Q4_K = (make_rowdot_i8(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 _RQ4_Q8_0, _RQ4_Q4_0, _RQ4_Q4_K = (make_rowdot_i8(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
+# cpu_codes rows: _C{1,4}{Q,F}_<format>: 1 or 4 tokens, int8 (Q) or float32 (F) activations
+_CODE_FORMATS = (
+    FMT_Q4_1,
+    FMT_Q5_0,
+    FMT_Q5_1,
+    FMT_IQ4_NL,
+    FMT_MXFP4,
+    FMT_Q2_K,
+    FMT_Q3_K,
+    FMT_Q5_K,
+    FMT_Q6_K,
+    FMT_IQ4_XS,
+)
+(
+    _C1Q_Q4_1,
+    _C1Q_Q5_0,
+    _C1Q_Q5_1,
+    _C1Q_IQ4_NL,
+    _C1Q_MXFP4,
+    _C1Q_Q2_K,
+    _C1Q_Q3_K,
+    _C1Q_Q5_K,
+    _C1Q_Q6_K,
+    _C1Q_IQ4_XS,
+) = (make_rowdot_codes(f, 1, False) for f in _CODE_FORMATS)
+(
+    _C4Q_Q4_1,
+    _C4Q_Q5_0,
+    _C4Q_Q5_1,
+    _C4Q_IQ4_NL,
+    _C4Q_MXFP4,
+    _C4Q_Q2_K,
+    _C4Q_Q3_K,
+    _C4Q_Q5_K,
+    _C4Q_Q6_K,
+    _C4Q_IQ4_XS,
+) = (make_rowdot_codes(f, 4, False) for f in _CODE_FORMATS)
+(
+    _C1F_Q4_1,
+    _C1F_Q5_0,
+    _C1F_Q5_1,
+    _C1F_IQ4_NL,
+    _C1F_MXFP4,
+    _C1F_Q2_K,
+    _C1F_Q3_K,
+    _C1F_Q5_K,
+    _C1F_Q6_K,
+    _C1F_IQ4_XS,
+) = (make_rowdot_codes(f, 1, True) for f in _CODE_FORMATS)
+(
+    _C4F_Q4_1,
+    _C4F_Q5_0,
+    _C4F_Q5_1,
+    _C4F_IQ4_NL,
+    _C4F_MXFP4,
+    _C4F_Q2_K,
+    _C4F_Q3_K,
+    _C4F_Q5_K,
+    _C4F_Q6_K,
+    _C4F_IQ4_XS,
+) = (make_rowdot_codes(f, 4, True) for f in _CODE_FORMATS)
 
 
 def block_size(fmt: int) -> int:
@@ -200,17 +269,37 @@ def _permute(fmt: int, x: np.ndarray) -> np.ndarray:
 
 
 @njit(fastmath=_FM, cache=True)
-def _block_sums(x: np.ndarray) -> np.ndarray:
-    """Sums of each 32 consecutive activations: float32 (T, in // 32)."""
+def _block_sums(x: np.ndarray, group: int = 32) -> np.ndarray:
+    """Sums of each ``group`` consecutive activations: float32 (T, in // group)."""
     T, n = x.shape
-    xs = np.zeros((T, n // 32), dtype=np.float32)
+    xs = np.zeros((T, n // group), dtype=np.float32)
     for t in range(T):
-        for c in range(n // 32):
+        for c in range(n // group):
             acc = np.float32(0)
-            for i in range(32):
-                acc += x[t, c * 32 + i]
+            for i in range(group):
+                acc += x[t, c * group + i]
             xs[t, c] = acc
     return xs
+
+
+@njit(cache=True)
+def _q_sums16(xq: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Per 16 int8 activations: sum(xq) * dx of their block of 32, float32 (T, in // 16)."""
+    T, n = xq.shape
+    xs = np.zeros((T, n // 16), dtype=np.float32)
+    for t in range(T):
+        for c in range(n // 16):
+            acc = 0
+            for i in range(16):
+                acc += xq[t, c * 16 + i]
+            xs[t, c] = np.float32(acc) * dx[t, c // 2]
+    return xs
+
+
+@njit(cache=True)
+def _code_group(fmt: int) -> int:
+    """cpu_codes.group_size: 16 for the super-block formats, 32 for the block ones."""
+    return 16 if fmt in (FMT_Q2_K, FMT_Q3_K, FMT_Q5_K, FMT_Q6_K, FMT_IQ4_XS) else 32
 
 
 @njit(cache=True)
@@ -237,13 +326,136 @@ def _quantize(fmt: int, x: np.ndarray):
                 qsum += q
             dx[t, c] = amax / np.float32(127)
             # Q4_K's mins take the rounded activations too: the result is exact for them
-            xs[t, c] = np.float32(qsum) * dx[t, c] if fmt == FMT_Q4_K else np.float32(qsum)
+            scaled = fmt == FMT_Q4_K or fmt >= _FIRST_CODES
+            xs[t, c] = np.float32(qsum) * dx[t, c] if scaled else np.float32(qsum)
     return xq, dx, xs
+
+
+# one branch per format: numba cannot pick an intrinsic from a tuple at run time
+@njit(fastmath=_FM, cache=True)
+def _dot_codes_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16) -> None:
+    """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for the cpu_codes formats, int8 x."""
+    t = 0
+    while t < n:
+        four = n - t >= 4
+        if fmt == FMT_Q4_1:
+            if four:
+                _C4Q_Q4_1(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_Q4_1(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q5_0:
+            if four:
+                _C4Q_Q5_0(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_Q5_0(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q5_1:
+            if four:
+                _C4Q_Q5_1(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_Q5_1(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_IQ4_NL:
+            if four:
+                _C4Q_IQ4_NL(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_IQ4_NL(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_MXFP4:
+            if four:
+                _C4Q_MXFP4(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_MXFP4(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q2_K:
+            if four:
+                _C4Q_Q2_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_Q2_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q3_K:
+            if four:
+                _C4Q_Q3_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_Q3_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q5_K:
+            if four:
+                _C4Q_Q5_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_Q5_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q6_K:
+            if four:
+                _C4Q_Q6_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_Q6_K(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        elif fmt == FMT_IQ4_XS:
+            if four:
+                _C4Q_IQ4_XS(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+            else:
+                _C1Q_IQ4_XS(w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        t += 4 if four else 1
+
+
+@njit(fastmath=_FM, cache=True)
+def _dot_codes_f32(fmt, w, r0, nr, xp, xs, t0, n, out, o0, f16) -> None:
+    """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for the cpu_codes formats, float32 x."""
+    t = 0
+    while t < n:
+        four = n - t >= 4
+        if fmt == FMT_Q4_1:
+            if four:
+                _C4F_Q4_1(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_Q4_1(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q5_0:
+            if four:
+                _C4F_Q5_0(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_Q5_0(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q5_1:
+            if four:
+                _C4F_Q5_1(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_Q5_1(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_IQ4_NL:
+            if four:
+                _C4F_IQ4_NL(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_IQ4_NL(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_MXFP4:
+            if four:
+                _C4F_MXFP4(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_MXFP4(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q2_K:
+            if four:
+                _C4F_Q2_K(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_Q2_K(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q3_K:
+            if four:
+                _C4F_Q3_K(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_Q3_K(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q5_K:
+            if four:
+                _C4F_Q5_K(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_Q5_K(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_Q6_K:
+            if four:
+                _C4F_Q6_K(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_Q6_K(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_IQ4_XS:
+            if four:
+                _C4F_IQ4_XS(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1F_IQ4_XS(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        t += 4 if four else 1
 
 
 @njit(fastmath=_FM, cache=True)
 def _dot_tokens_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16) -> None:
     """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for i < n, j < nr, int8 activations (not FP8)."""
+    if fmt >= _FIRST_CODES:
+        _dot_codes_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16)
+        return
     t = 0
     while t < n:
         if n - t >= 4:
@@ -271,6 +483,12 @@ def _prepare(fmt: int, x: np.ndarray, exact: bool):
     T, n = x.shape
     if not _stream_ok(fmt, n):
         return False, x, np.zeros((0, 0), np.int8), x, x
+    if fmt >= _FIRST_CODES:  # natural order; sums per scale group
+        group = _code_group(fmt)
+        if exact:
+            return False, x, np.zeros((0, 0), np.int8), x, _block_sums(x, group)
+        xq, dx, xs = _quantize(fmt, x)
+        return True, x, xq, dx, _q_sums16(xq, dx) if group == 16 else xs
     if exact or fmt == FMT_FP8:
         return False, _permute(fmt, x), np.zeros((0, 0), np.int8), x, _block_sums(x)
     xq, dx, xs = _quantize(fmt, x)
@@ -281,6 +499,9 @@ def _prepare(fmt: int, x: np.ndarray, exact: bool):
 def _dot_tokens(fmt, w, r0, nr, scale, xp, xs, t0, n, out, o0, f16) -> None:
     """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for i < n, j < nr, float32 activations; each
     row's bytes are decoded once per 4 tokens."""
+    if fmt >= _FIRST_CODES:  # cpu_codes rows take x in natural order; dx is unused
+        _dot_codes_f32(fmt, w, r0, nr, xp, xs, t0, n, out, o0, f16)
+        return
     t = 0
     while t < n:
         if n - t >= 4:

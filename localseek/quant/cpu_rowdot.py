@@ -30,7 +30,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-FMT_Q8_0, FMT_Q4_0, FMT_Q4_K, FMT_FP8 = 0, 1, 2, 3
+from localseek.quant.formats import FMT_FP8, FMT_Q4_0, FMT_Q4_K, FMT_Q8_0
+
 # (weights per unit of the loop, stored bytes per unit, vector lanes)
 UNIT = {FMT_Q8_0: (32, 34, 8), FMT_Q4_0: (32, 18, 4), FMT_Q4_K: (256, 144, 8), FMT_FP8: (32, 32, 8)}
 
@@ -331,19 +332,24 @@ def _nibbles(b: ir.IRBuilder, w: ir.Value) -> ir.Value:
     return b.and_(b.bitcast(both, _vec(_I8, 2 * n)), _splat(_I8, 2 * n, 15))
 
 
-def target_vnni() -> int:
-    """Widest vpdpbusd, in bytes, of the CPU numba compiles for: 64 (AVX512-VNNI with BW and
-    VL), 32 (AVX-VNNI), 0 (none: plain vector IR, the same sums).
-
-    Follows numba's own target choice: NUMBA_CPU_FEATURES (with NUMBA_CPU_NAME) or
-    NUMBA_ENABLE_AVX=0 select the plain path too, and numba's cache keys on them."""
+def target_features() -> set[str]:
+    """The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's)."""
     from numba.core import config
     from numba.core.codegen import get_host_cpu_features
 
     feats = config.CPU_FEATURES
     if feats is None:
         feats = get_host_cpu_features()
-    on = {f[1:] for f in feats.split(",") if f.startswith("+")}
+    return {f[1:] for f in feats.split(",") if f.startswith("+")}
+
+
+def target_vnni() -> int:
+    """Widest vpdpbusd, in bytes, of the CPU numba compiles for: 64 (AVX512-VNNI with BW and
+    VL), 32 (AVX-VNNI), 0 (none: plain vector IR, the same sums).
+
+    Follows numba's own target choice: NUMBA_CPU_FEATURES (with NUMBA_CPU_NAME) or
+    NUMBA_ENABLE_AVX=0 select the plain path too, and numba's cache keys on them."""
+    on = target_features()
     if {"avx512vnni", "avx512bw"} <= on:
         return 64 if "avx512vl" in on else 0
     return 32 if "avxvnni" in on else 0

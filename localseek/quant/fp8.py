@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from localseek.quant.formats import FP8_QTYPE
 from localseek.quant.tensor import QTensor, register_format
 
+__all__ = ["FP8_BLOCK", "FP8_QTYPE", "dequantize_fp8_block", "fp8_scale_shape"]
+
 FP8_BLOCK = 128
-FP8_QTYPE = "fp8_e4m3_b128"
 
 
 def fp8_scale_shape(shape: tuple[int, int], block: int = FP8_BLOCK) -> tuple[int, int]:

@@ -13,26 +13,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from localseek.quant.formats import BY_GGML
 from localseek.quant.tensor import QTensor, register_format
 
 # The block types localseek reads; F32/F16/BF16 are served as dense tensors instead.
-GGML_QTYPES: dict[GGMLQuantizationType, str] = {
-    t: "ggml_" + t.name.lower()
-    for t in (
-        GGMLQuantizationType.Q8_0,
-        GGMLQuantizationType.Q4_0,
-        GGMLQuantizationType.Q4_1,
-        GGMLQuantizationType.Q5_0,
-        GGMLQuantizationType.Q5_1,
-        GGMLQuantizationType.Q2_K,
-        GGMLQuantizationType.Q3_K,
-        GGMLQuantizationType.Q4_K,
-        GGMLQuantizationType.Q5_K,
-        GGMLQuantizationType.Q6_K,
-        GGMLQuantizationType.IQ4_NL,
-        GGMLQuantizationType.IQ4_XS,
-    )
-}
+GGML_QTYPES: dict[GGMLQuantizationType, str] = {t: f.tag for t, f in BY_GGML.items()}
 _BY_TAG = {tag: t for t, tag in GGML_QTYPES.items()}
 DENSE_TYPES = {
     GGMLQuantizationType.F32: torch.float32,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from localseek.quant.formats import FORMATS
 from localseek.quant.fp8 import FP8_BLOCK, FP8_QTYPE
 from localseek.quant.tensor import QTensor
 
@@ -41,8 +42,8 @@ from localseek.quant.tensor import QTensor
 TILE_BYTES = 16 << 20
 FP8_MAX = 448.0  # largest finite e4m3fn
 # elements per block, bytes per block
-GGML_BLOCKS = {"ggml_q8_0": (32, 34), "ggml_q4_0": (32, 18), "ggml_q4_k": (256, 144)}
-GPU_FORMATS = (*GGML_BLOCKS, FP8_QTYPE)
+GGML_BLOCKS = {t: (f.block, f.block_bytes) for t, f in FORMATS.items() if f.gpu and f.ggml}
+GPU_FORMATS = tuple(t for t, f in FORMATS.items() if f.gpu)
 
 
 def supports(w: QTensor) -> bool:

@@ -6,10 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from localseek.quant import gpu_kernels
+from localseek.quant.formats import FORMATS
 from localseek.quant.tensor import QTensor, Weight
-
-# QTensor formats the numba CPU kernels multiply straight from the stored bytes
-_CPU_KERNEL_QTYPES = {"ggml_q8_0", "ggml_q4_0", "ggml_q4_k", "fp8_e4m3_b128"}
 
 
 def linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tensor:
@@ -48,7 +46,7 @@ def from_blocks(w: Weight | None) -> bool:
     (a CPU-kernel format on the CPU) rather than from a dequantized copy."""
     return (
         isinstance(w, QTensor)
-        and w.qtype in _CPU_KERNEL_QTYPES
+        and w.qtype in FORMATS  # every format has a CPU row kernel
         and len(w.shape) == 2
         and w.device.type == "cpu"
     )

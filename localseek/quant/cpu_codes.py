@@ -1,0 +1,379 @@
+"""Row dot products for the GGML formats that ``cpu_rowdot`` does not hand-schedule, through
+one shape every one of them fits: unsigned byte codes with a scale and a min per group.
+
+Each format here is one block decoder (``_DECODERS``) that turns a unit of stored bytes (a
+256-weight super-block, or one 32-weight block) into
+
+    codes  <64 x i8> (or <32 x i8>) vectors, unsigned, in the weights' natural order;
+    sc     <S x float>: the weight scale of each group of 16 (super-blocks) or of the block;
+    mn     <S x float>: the min of each group, so that  w = sc * code - mn.
+
+Signed codes become unsigned by an offset folded into the min (Q6_K's q - 32 is code q with
+min 32 sc; IQ4's table values v are codes v + 128 with min 128 d), so every format multiplies
+the same way: u8 x s8 dot products of 4 pairs per 32-bit lane (vpdpbusd with VNNI) against int8
+activations (fast path), or float32 products (``exact``). The mins need only the activation sums
+per group, made once per call. The decoders are whole-vector integer ops and byte-table lookups
+(pshufb), never a shuffle per value.
+
+    format  unit  bytes  groups  codes
+    Q4_1     32    20     1      nibble; min -m
+    Q5_0     32    22     1      nibble | qh bit << 4; min 16 d
+    Q5_1     32    24     1      nibble | qh bit << 4; min -m
+    IQ4_NL   32    18     1      table[nibble] + 128; min 128 d
+    MXFP4    32    17     1      table[nibble] + 12 (e2m1 doubled); d = 2**(e - 128); min 12 d
+    Q2_K    256    84    16      2 bits; scale d * (s & 15), min dmin * (s >> 4)
+    Q3_K    256   110    16      2 bits | hmask bit << 2; scale d * (s - 32), min 4 sc
+    Q5_K    256   176    16      nibble | qh bit << 4; Q4_K's 6-bit scales and mins (per 32)
+    Q6_K    256   210    16      nibble | 2 qh bits << 4; scale d * int8 s, min 32 sc
+    IQ4_XS  256   136    16      table[nibble] + 128; scale d * (6-bit s - 32) (per 32), min 128 sc
+
+Edit note: numba caches ``cpu_kernels`` on its own file only; after editing this one, delete
+``localseek/quant/__pycache__/*.nb*``.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from localseek.quant.cpu_rowdot import (
+    _F32,
+    _I8,
+    _I16,
+    _I32,
+    PF,
+    _dpbusd,
+    _Gen,
+    _nibbles,
+    _q4k_scales,
+    _splat,
+    _vec,
+    target_features,
+    target_vnni,
+)
+from localseek.quant.formats import (
+    BY_CODE,
+    FIRST_CODES,
+    FMT_IQ4_NL,
+    FMT_MXFP4,
+    FMT_Q2_K,
+    FMT_Q3_K,
+    FMT_Q4_1,
+    FMT_Q5_1,
+    FMT_Q5_K,
+    FMT_Q6_K,
+)
+
+# (weights per unit, bytes per unit); a super-block format has 16 groups of 16, a block one group
+UNITS = {code: (f.block, f.block_bytes) for code, f in BY_CODE.items() if code >= FIRST_CODES}
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def group_size(fmt: int) -> int:
+    """Weights that share one scale and min in the decoded form: 16 or 32."""
+    return 16 if UNITS[fmt][0] == 256 else 32
+
+
+def _i32(v: int) -> ir.Constant:
+    return ir.Constant(_I32, v)
+
+
+def _shr16(b: ir.IRBuilder, v: ir.Value, shifts: list[int]) -> ir.Value:
+    """Bytes ``v`` (<2n x i8>) shifted right per 16-bit word (``shifts``: n amounts). Bits of
+    the next byte move in at the top; callers mask them off."""
+    n = v.type.count // 2
+    w = b.lshr(b.bitcast(v, _vec(_I16, n)), ir.Constant(_vec(_I16, n), shifts))
+    return b.bitcast(w, _vec(_I8, 2 * n))
+
+
+def _dup(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """<n x i8> -> <2n x i8>: v twice."""
+    n = v.type.count
+    return b.shuffle_vector(v, v, ir.Constant(_vec(_I32, 2 * n), [*range(n)] * 2))
+
+
+def _spread(b: ir.IRBuilder, v: ir.Value, times: int) -> ir.Value:
+    """Each lane of v repeated ``times`` times."""
+    n = v.type.count
+    return b.shuffle_vector(
+        v, v, ir.Constant(_vec(_I32, n * times), [i // times for i in range(n * times)])
+    )
+
+
+def _bits(b: ir.IRBuilder, v: ir.Value, mask: int, shl: int) -> ir.Value:
+    """(v & mask) << shl, bytewise."""
+    n = v.type.count
+    return b.shl(b.and_(v, _splat(_I8, n, mask)), _splat(_I8, n, shl))
+
+
+def _lookup(b: ir.IRBuilder, idx: ir.Value, table: list[int]) -> ir.Value:
+    """table[idx] bytewise for 4-bit indices (<32 or 64 x i8>): pshufb where the target has it
+    (AVX2 for 32 bytes, AVX512BW for 64), else a chain of 16 selects."""
+    n = idx.type.count
+    feats = target_features()
+    name = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}[n]
+    if (n == 32 and "avx2" in feats) or (n == 64 and "avx512bw" in feats):
+        vt = _vec(_I8, n)
+        fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(vt, [vt, vt]), name)
+        tbl = ir.Constant(vt, [v & 255 for v in table] * (n // 16))
+        return b.call(fn, [tbl, idx])
+    out = _splat(_I8, n, 0)
+    for k, v in enumerate(table):
+        out = b.select(b.icmp_unsigned("==", idx, _splat(_I8, n, k)), _splat(_I8, n, v & 255), out)
+    return out
+
+
+def _qh_bits(b: ir.IRBuilder, qh: ir.Value, value: int) -> ir.Value:
+    """Bit j of the 32-bit word qh as byte j of <32 x i8> (``value`` where set, else 0)."""
+    mask = b.bitcast(qh, _vec(ir.IntType(1), 32))
+    return b.select(mask, _splat(_I8, 32, value), _splat(_I8, 32, 0))
+
+
+def _block32(g: _Gen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
+    """One 32-weight block: (codes <32 x i8>, scale, min) as float scalars."""
+    b = g.b
+    at = lambda o: b.add(base, g.i64(o))  # noqa: E731
+    if fmt == FMT_MXFP4:
+        e = b.zext(g.load(rowp, base, _I8, _I8), _I32)
+        small = b.icmp_unsigned("<", e, _i32(2))
+        bits = b.select(small, b.shl(_i32(0x00200000), e), b.shl(b.sub(e, _i32(1)), _i32(23)))
+        d = b.bitcast(bits, _F32)
+        nib = _nibbles(b, g.load(rowp, at(1), _vec(_I8, 16), _I8))
+        codes = _lookup(b, nib, [v + 12 for v in MXFP4_VALUES])
+        return codes, d, b.fmul(d, ir.Constant(_F32, 12.0))
+    d = g.f16(rowp, base, lut)
+    if fmt == FMT_IQ4_NL:
+        nib = _nibbles(b, g.load(rowp, at(2), _vec(_I8, 16), _I8))
+        codes = _lookup(b, nib, [v + 128 for v in IQ4_VALUES])
+        return codes, d, b.fmul(d, ir.Constant(_F32, 128.0))
+    with_min = fmt in (FMT_Q4_1, FMT_Q5_1)
+    qs_at = 2 + 2 * with_min + 4 * (fmt != FMT_Q4_1)  # after d, m and qh
+    codes = _nibbles(b, g.load(rowp, at(qs_at), _vec(_I8, 16), _I8))
+    if fmt != FMT_Q4_1:  # Q5: the fifth bit of weight j is bit j of qh
+        qh = g.load(rowp, at(2 + 2 * with_min), _I32, _I8)
+        codes = b.or_(codes, _qh_bits(b, qh, 16))
+    if with_min:  # w = d q + m
+        return codes, d, b.fneg(g.f16(rowp, at(2), lut))
+    return codes, d, b.fmul(d, ir.Constant(_F32, 16.0))
+
+
+def _superblock(g: _Gen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
+    """One 256-weight super-block: (four <64 x i8> code vectors, <16 x float> scales, mins)."""
+    b = g.b
+    at = lambda o: b.add(base, g.i64(o))  # noqa: E731
+    v16 = _vec(_F32, 16)
+
+    def load8(o: int, n: int) -> ir.Value:
+        return g.load(rowp, at(o), _vec(_I8, n), _I8)
+
+    chunks = []
+    if fmt == FMT_Q6_K:  # ql[128], qh[64], int8 scales[16], d
+        d = g.f16(rowp, at(208), lut)
+        sc = b.fmul(g.bcast(d, 16), b.sitofp(load8(192, 16), v16))
+        mn = b.fmul(sc, ir.Constant(v16, [32.0] * 16))
+        for n in range(2):
+            ql = load8(64 * n, 64)
+            qh = _dup(b, load8(128 + 32 * n, 32))
+            for sub in range(2):
+                lo = b.and_(ql, _splat(_I8, 64, 15)) if sub == 0 else b.lshr(ql, _splat(_I8, 64, 4))
+                hi = _shr16(b, qh, [4 * sub] * 16 + [4 * sub + 2] * 16)
+                chunks.append(b.or_(lo, _bits(b, hi, 3, 4)))
+        return chunks, sc, mn
+    if fmt == FMT_Q5_K:  # d, dmin, scales[12], qh[32], qs[128]
+        d = g.f16(rowp, base, lut)
+        dmin = g.f16(rowp, at(2), lut)
+        dsc, dm = _q4k_scales(g, rowp, base, d, dmin)  # per 32
+        qh = _dup(b, load8(16, 32))
+        for a in range(4):
+            nib = _nibbles(b, load8(48 + 32 * a, 32))
+            hi = _shr16(b, qh, [2 * a] * 16 + [2 * a + 1] * 16)
+            chunks.append(b.or_(nib, _bits(b, hi, 1, 4)))
+        return chunks, _spread(b, dsc, 2), _spread(b, dm, 2)
+    if fmt == FMT_Q2_K:  # scales[16], qs[64], d, dmin
+        d = g.f16(rowp, at(80), lut)
+        dmin = g.f16(rowp, at(82), lut)
+        s = load8(0, 16)
+        sc = b.fmul(g.bcast(d, 16), b.uitofp(b.and_(s, _splat(_I8, 16, 15)), v16))
+        mn = b.fmul(g.bcast(dmin, 16), b.uitofp(b.lshr(s, _splat(_I8, 16, 4)), v16))
+        for c in range(4):
+            n, j0 = c // 2, 2 * (c % 2)
+            qs = _dup(b, load8(16 + 32 * n, 32))
+            lo = _shr16(b, qs, [2 * j0] * 16 + [2 * j0 + 2] * 16)
+            chunks.append(b.and_(lo, _splat(_I8, 64, 3)))
+        return chunks, sc, mn
+    if fmt == FMT_Q3_K:  # hmask[32], qs[64], scales[12], d
+        d = g.f16(rowp, at(108), lut)
+        lo = g.load(rowp, at(96), _vec(_I32, 2), _I8)
+        hi = g.load(rowp, at(104), _I32, _I8)
+        m4 = ir.Constant(_vec(_I32, 2), [0x0F0F0F0F] * 2)
+        l0 = b.and_(lo, m4)
+        l1 = b.and_(b.lshr(lo, ir.Constant(_vec(_I32, 2), [4, 4])), m4)
+        low = b.shuffle_vector(l0, l1, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3]))
+        high = ir.Constant(_vec(_I32, 4), ir.Undefined)
+        for k in range(4):
+            hk = b.and_(b.lshr(hi, _i32(2 * k)), _i32(0x03030303))
+            high = b.insert_element(high, b.shl(hk, _i32(4)), _i32(k))
+        s = b.sub(b.bitcast(b.or_(low, high), _vec(_I8, 16)), _splat(_I8, 16, 32))
+        sc = b.fmul(g.bcast(d, 16), b.sitofp(s, v16))
+        mn = b.fmul(sc, ir.Constant(v16, [4.0] * 16))
+        hm = _dup(b, load8(0, 32))
+        for c in range(4):
+            n, j0 = c // 2, 2 * (c % 2)
+            qs = _dup(b, load8(32 + 32 * n, 32))
+            low2 = b.and_(_shr16(b, qs, [2 * j0] * 16 + [2 * j0 + 2] * 16), _splat(_I8, 64, 3))
+            k0 = 4 * n + j0
+            hb = _shr16(b, hm, [k0] * 16 + [k0 + 1] * 16)
+            chunks.append(b.or_(low2, _bits(b, hb, 1, 2)))
+        return chunks, sc, mn
+    # IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]
+    d = g.f16(rowp, base, lut)
+    v8i = _vec(_I32, 8)
+    sl = g.load(rowp, at(4), _I32, _I8)
+    sh = b.zext(g.load(rowp, at(2), _I16, _I8), _I32)
+
+    def bcast_i(v):
+        vec = b.insert_element(ir.Constant(v8i, ir.Undefined), v, _i32(0))
+        return b.shuffle_vector(vec, vec, ir.Constant(v8i, [0] * 8))
+
+    ls = b.and_(
+        b.lshr(bcast_i(sl), ir.Constant(v8i, [4 * i for i in range(8)])), _splat(_I32, 8, 15)
+    )
+    hs = b.and_(
+        b.lshr(bcast_i(sh), ir.Constant(v8i, [2 * i for i in range(8)])), _splat(_I32, 8, 3)
+    )
+    s = b.sub(b.or_(ls, b.shl(hs, _splat(_I32, 8, 4))), _splat(_I32, 8, 32))
+    sc8 = b.fmul(g.bcast(d, 8), b.sitofp(s, _vec(_F32, 8)))
+    sc = _spread(b, sc8, 2)
+    mn = b.fmul(sc, ir.Constant(v16, [128.0] * 16))
+    table = [v + 128 for v in IQ4_VALUES]
+    order = ir.Constant(_vec(_I32, 64), [*range(16), *range(16), *range(16, 32), *range(16, 32)])
+    for c in range(4):  # blocks 2c and 2c + 1: 16 bytes each, low nibbles then high ones
+        w = load8(8 + 32 * c, 32)
+        both = b.shuffle_vector(w, w, order)
+        nib = b.and_(_shr16(b, both, ([0] * 8 + [4] * 8) * 2), _splat(_I8, 64, 15))
+        chunks.append(_lookup(b, nib, table))
+    return chunks, sc, mn
+
+
+def make_rowdot_codes(fmt: int, nt: int, exact: bool):
+    """An intrinsic ``rowdot(w, r0, nr, x, t0, dx, xs, lut, out, o0)``:
+    out[o0 + t, i] = W[r0 + i] . x[t0 + t] for t < nt, i < nr.
+
+    Args (numba arrays):
+        w: uint8 (rows, row_bytes) stored bytes, one row of blocks per output row.
+        x: int8 (T, in) quantized activations (``exact=False``) or float32 (T, in), both in
+            their natural order.
+        dx: float32 (T, in // 32) the int8 activations' scales (unused when exact).
+        xs: float32 (T, in // G), G = ``group_size(fmt)``: per group, sum(xq) * dx, or the
+            float activations' sum when exact.
+        lut: float32 (65536,) f16 -> float32.
+        out: float32 (tokens, nr) results.
+    """
+    wpu, bpu = UNITS[fmt]
+    sb = wpu == 256
+    n_groups = 16 if sb else 1
+    n_code = 64 if sb else 32  # bytes per code vector
+    vnni = target_vnni()
+    fm = ("contract",)
+    acc_lanes = n_code if exact else n_code // 4
+
+    @intrinsic
+    def rowdot(typingctx, w, r0, nr, x, t0, dx, xs, lut, out, o0):
+        sig = types.void(w, r0, nr, x, t0, dx, xs, lut, out, o0)
+
+        def codegen(context, builder, sig, args):
+            g = _Gen(context, builder)
+            b = builder
+            wty, _, _, xty, _, dxty, xsty, lutty, outty, _ = sig.args
+            wa = g.array(wty, args[0])
+            r0v, nrv, o0v = args[1], args[2], args[9]
+            xa = g.array(xty, args[3])
+            xp = xa.data
+            n_in = b.extract_value(xa.shape, 1)
+            dxa = g.array(dxty, args[5])
+            dxp = dxa.data
+            n_b = b.extract_value(dxa.shape, 1)
+            xsa = g.array(xsty, args[6])
+            xsp = xsa.data
+            n_xs = b.extract_value(xsa.shape, 1)
+            lutp = g.data(lutty, args[7])
+            outa = g.array(outty, args[8])
+            n_units = b.sdiv(b.extract_value(wa.shape, 1), g.i64(bpu))
+            va = _vec(_F32, acc_lanes)
+            vm = _vec(_F32, n_groups)
+            zero = ir.Constant(va, [0.0] * acc_lanes)
+            zero_m = ir.Constant(vm, [0.0] * n_groups) if sb else ir.Constant(_F32, 0.0)
+            accs = [cgutils.alloca_once_value(b, zero) for _ in range(nt)]
+            mins = [cgutils.alloca_once_value(b, zero_m) for _ in range(nt)]
+            tok = [b.add(args[4], g.i64(t)) for t in range(nt)]
+            xrow = [b.mul(tok[t], n_in) for t in range(nt)]
+            brow = [b.mul(tok[t], n_b) for t in range(nt)]
+            srow = [b.mul(tok[t], n_xs) for t in range(nt)]
+            xel = _F32 if exact else _I8
+
+            with cgutils.for_range(b, nrv) as rows:
+                rowp = g.row(wa, b.add(r0v, rows.index))
+                for t in range(nt):
+                    b.store(zero, accs[t])
+                    b.store(zero_m, mins[t])
+                with cgutils.for_range(b, n_units) as loop:
+                    u = loop.index
+                    base = b.mul(u, g.i64(bpu))
+                    for o in range(0, bpu, 64):
+                        g.prefetch(rowp, b.add(base, g.i64(PF + o)))
+                    x0 = b.mul(u, g.i64(wpu))
+                    if sb:
+                        codes, sc, mn = _superblock(g, fmt, rowp, base, lutp)
+                    else:
+                        code, sc, mn = _block32(g, fmt, rowp, base, lutp)
+                        codes = [code]
+                    for t in range(nt):
+                        # the mins: sum over groups of mn * xs
+                        if sb:
+                            xsv = g.load(xsp, b.add(srow[t], b.mul(u, g.i64(16))), vm, _F32)
+                            b.store(b.fadd(b.load(mins[t]), b.fmul(mn, xsv)), mins[t])
+                        else:
+                            xsv = b.load(b.gep(xsp, [b.add(srow[t], u)], source_etype=_F32))
+                            b.store(b.fadd(b.load(mins[t]), b.fmul(mn, xsv)), mins[t])
+                        # scales per group, times the activations' scales per 32 (int8)
+                        if exact:
+                            s_t = sc
+                        elif sb:
+                            dxv = g.load(
+                                dxp, b.add(brow[t], b.mul(u, g.i64(8))), _vec(_F32, 8), _F32
+                            )
+                            s_t = b.fmul(sc, _spread(b, dxv, 2))
+                        else:
+                            dxv = b.load(b.gep(dxp, [b.add(brow[t], u)], source_etype=_F32))
+                            s_t = b.fmul(sc, dxv)
+                        for c, cv in enumerate(codes):
+                            xo = b.add(xrow[t], b.add(x0, g.i64(n_code * c)))
+                            xv = g.load(xp, xo, _vec(xel, n_code), xel)
+                            if exact:
+                                vals = b.uitofp(cv, _vec(_F32, n_code))
+                                p = b.fmul(vals, xv, flags=fm)
+                                per = 16  # lanes per group
+                            else:
+                                p = b.sitofp(_dpbusd(b, cv, xv, vnni), va)
+                                per = 4
+                            if sb:
+                                pick = [4 * c + lane // per for lane in range(acc_lanes)]
+                                sj = b.shuffle_vector(
+                                    s_t, s_t, ir.Constant(_vec(_I32, acc_lanes), pick)
+                                )
+                            else:
+                                sj = g.bcast(s_t, acc_lanes)
+                            prod = b.fmul(sj, p, flags=fm)
+                            b.store(b.fadd(b.load(accs[t]), prod, flags=fm), accs[t])
+                for t in range(nt):
+                    tot = g.hsum(b.load(accs[t]), acc_lanes)
+                    side = g.hsum(b.load(mins[t]), n_groups) if sb else b.load(mins[t])
+                    g.store2d(b.fsub(tot, side), outa, b.add(o0v, g.i64(t)), rows.index)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rowdot
