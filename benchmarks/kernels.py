@@ -31,6 +31,8 @@ from numba import njit, prange
 from localseek.options import set_threads
 from localseek.quant import QTensor
 from localseek.quant.cpu_kernels import qmatmul
+from localseek.quant.formats import FORMATS as REGISTRY
+from localseek.quant.formats import random_blocks
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
 
 SHAPES = {  # (out, in) of one expert's projections
@@ -39,7 +41,7 @@ SHAPES = {  # (out, in) of one expert's projections
     "v2_lite.gate_up": (1408, 2048),
     "v2_lite.down": (2048, 1408),
 }
-FORMATS = {"ggml_q4_k": (256, 144), "ggml_q8_0": (32, 34), "ggml_q4_0": (32, 18), FP8_QTYPE: None}
+FORMATS = {t: (None if f.ggml is None else (f.block, f.block_bytes)) for t, f in REGISTRY.items()}
 BATCHES = (1, 4, 32)
 
 
@@ -51,13 +53,7 @@ def random_weight(qtype: str, shape: tuple[int, int], rng: np.random.Generator) 
         scale = rng.uniform(0.01, 1, fp8_scale_shape(shape)).astype(np.float32)
         data = torch.from_numpy(raw).view(torch.float8_e4m3fn)
         return QTensor(qtype, shape, data, torch.from_numpy(scale))
-    block, size = FORMATS[qtype]
-    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    n_f16 = 2 if qtype == "ggml_q4_k" else 1
-    raw[..., : 2 * n_f16] = (
-        rng.uniform(0, 0.05, (rows, cols // block, n_f16)).astype("f2").view(np.uint8)
-    )
-    return QTensor(qtype, shape, torch.from_numpy(raw.reshape(rows, -1)))
+    return QTensor(qtype, shape, torch.from_numpy(random_blocks(qtype, rows, cols, rng)))
 
 
 def best_of(fn, repeats: int) -> float:

@@ -60,12 +60,22 @@ def llama_greedy(path: Path, ids: list[int], n: int) -> list[int]:
         lm.close()
 
 
-def llama_quantize(src: Path, dst: Path, ftype: int) -> None:
+def llama_quantize(src: Path, dst: Path, ftype: int, overrides: dict[str, str] | None = None):
+    """llama.cpp's quantizer with recipe ``ftype``; ``overrides`` maps tensor-name regexes to
+    ggml type names (llama-quantize's --tensor-type)."""
+    import gguf
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = 2
+    if overrides:
+        Override = llama_cpp.llama_model_tensor_override
+        table = (Override * (len(overrides) + 1))()  # the last one, all zero, ends the list
+        for i, (pattern, type_name) in enumerate(overrides.items()):
+            table[i].pattern = pattern.encode()
+            table[i].type = int(gguf.GGMLQuantizationType[type_name])
+        params.tt_overrides = table
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize returned {rc}"
 

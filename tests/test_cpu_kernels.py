@@ -22,10 +22,12 @@ from localseek.model.moe import ReferenceExperts, route
 from localseek.offload import CPUExperts
 from localseek.quant import QTensor, linear
 from localseek.quant.cpu_kernels import qmatmul
+from localseek.quant.formats import FORMATS, random_blocks
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
 from localseek.quant.linear import grouped_linear, swiglu_linear
 
-BLOCKS = {"ggml_q8_0": (32, 34), "ggml_q4_0": (32, 18), "ggml_q4_k": (256, 144)}
+# every GGML format with a CPU kernel (all of them), by its block size
+GGML_KERNEL_FORMATS = [t for t, f in FORMATS.items() if f.ggml is not None]
 
 
 def _rel(got: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray) -> float:
@@ -46,29 +48,42 @@ def _random_weights(qtype: str, shape: tuple[int, int], n: int, seed: int) -> li
         data = torch.from_numpy(raw).view(torch.float8_e4m3fn)
         scale = torch.from_numpy(rng.uniform(0.01, 2, (n, *fp8_scale_shape(shape))).astype("f4"))
         return [QTensor(qtype, shape, data[e], scale[e]) for e in range(n)]
-    block, size = BLOCKS[qtype]
-    raw = rng.integers(0, 256, (n, rows, cols // block, size), dtype=np.uint8)
-    n_f16 = 2 if qtype == "ggml_q4_k" else 1  # d (and dmin)
-    f16 = rng.uniform(-0.05, 0.05, (n, rows, cols // block, n_f16)).astype(np.float16)
-    raw[..., : 2 * n_f16] = f16.view(np.uint8)
-    stack = raw.reshape(n, rows, -1)
+    stack = np.stack([random_blocks(qtype, rows, cols, rng) for _ in range(n)])
     return [QTensor(qtype, shape, torch.from_numpy(stack[e])) for e in range(n)]
 
 
-CASES = [  # partial row chunks, partial column tiles, partial FP8 blocks
-    ("ggml_q8_0", (40, 288)),
-    ("ggml_q4_0", (40, 288)),
-    ("ggml_q4_k", (40, 512)),
+def _case_shape(qtype: str) -> tuple[int, int]:
+    """40 rows (a partial 64-row chunk); 288 columns (9 blocks: an odd last pair) for the
+    32-weight blocks, 512 for the 256-weight super-blocks."""
+    return (40, 512 if FORMATS[qtype].block == 256 else 288)
+
+
+CASES = [(t, _case_shape(t)) for t in GGML_KERNEL_FORMATS] + [
     (FP8_QTYPE, (200, 352)),  # whole 32-column chunks: the streaming path for few tokens
     (FP8_QTYPE, (200, 300)),  # not: the tile path for any T
 ]
+
+
+@pytest.mark.parametrize("qtype", GGML_KERNEL_FORMATS)
+def test_random_blocks_are_valid_and_decode_like_gguf(qtype) -> None:
+    """Our dequantize is gguf-py's, on the random valid blocks every kernel test uses: finite
+    values, and no code pattern the kernels are not checked on is left out (all 256 byte
+    values occur in the code bytes)."""
+    from gguf.quants import dequantize
+
+    raw = random_blocks(qtype, 16, 1024, np.random.default_rng(3))
+    got = QTensor(qtype, (16, 1024), torch.from_numpy(raw)).dequantize(torch.float32).numpy()
+    want = dequantize(raw, FORMATS[qtype].ggml)
+    assert np.isfinite(got).all() and np.array_equal(got, want)
+    assert len(np.unique(raw)) == 256
 
 
 def _int8_activations(x: torch.Tensor) -> torch.Tensor:
     """x rounded as the fast path rounds it: int8 per 32, scale max|x| / 127 (float32 ops)."""
     xb = x.reshape(x.shape[0], -1, 32)  # (T, in // 32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    q = torch.round(xb * (127 / amax))  # round half to even, as np.rint
+    inv = torch.full_like(amax, 127) / amax  # a true division, as the kernel's (127 / amax is
+    q = torch.round(xb * inv)  # 127 * (1 / amax) in torch: one ulp off, a .5 rounds apart)
     return (q * (amax / 127)).reshape(x.shape)
 
 
@@ -76,7 +91,7 @@ def _int8_activations(x: torch.Tensor) -> torch.Tensor:
 def test_qmatmul_equals_dequantize_matmul(qtype, shape) -> None:
     (w,) = _random_weights(qtype, shape, 1, seed=1)
     dense = w.dequantize(torch.float32).double()
-    for T in (1, 3, 6, 33):  # rows decoded per 1 and per 4 tokens, in blocks of 16 tokens
+    for T in (1, 3, 16, 33):  # rows decoded per 1 and per 4 tokens, in blocks of 16 tokens
         x = torch.randn(T, shape[1])
         y = qmatmul(x, w.qtype, w.data, w.scale)
         assert y.shape == (T, shape[0])
@@ -152,6 +167,12 @@ def test_swiglu_equals_silu_of_gate_times_up(qtype, shape) -> None:
     [
         (("ggml_q4_k", "ggml_q8_0", "ggml_q4_k"), 256),
         (("ggml_q4_0",) * 3, 256),
+        (("ggml_q4_k", "ggml_q6_k", "ggml_q4_k"), 256),  # Q4_K_M's more-bits down
+        (("ggml_q4_k", "ggml_q5_0", "ggml_q4_k"), 288),  # its fallback for other widths
+        (("ggml_q2_k", "ggml_q3_k", "ggml_q2_k"), 256),
+        (("ggml_q5_k", "ggml_iq4_xs", "ggml_q5_k"), 256),
+        (("ggml_mxfp4", "ggml_iq4_nl", "ggml_q5_1"), 288),
+        (("ggml_q4_1",) * 3, 288),
         ((FP8_QTYPE,) * 3, 256),
         ((FP8_QTYPE,) * 3, 200),  # down rows of 200 columns: the tile path
     ],
@@ -221,7 +242,8 @@ def test_gguf_model_with_cpu_experts(ftype, label, tmp_path, monkeypatch) -> Non
 
 def test_int8_path_without_vnni(tmp_path) -> None:
     """On a CPU without VNNI the int8 path is plain vector IR with the same sums: numba told to
-    compile for Haswell (AVX2, no VNNI) gives the int8-rounded products there too."""
+    compile for Haswell (AVX2, no VNNI) gives the int8-rounded products there too (and the
+    table formats' 64-byte lookups, without AVX512BW's pshufb, take the select chain)."""
     script = textwrap.dedent(
         """
         import sys, torch
@@ -231,7 +253,8 @@ def test_int8_path_without_vnni(tmp_path) -> None:
         from localseek.quant.cpu_rowdot import target_vnni
         assert target_vnni() == 0, target_vnni()
         for qtype, shape in [("ggml_q8_0", (24, 288)), ("ggml_q4_0", (24, 288)),
-                             ("ggml_q4_k", (24, 512))]:
+                             ("ggml_q4_k", (24, 512)), ("ggml_q6_k", (24, 512)),
+                             ("ggml_iq4_xs", (24, 512)), ("ggml_mxfp4", (24, 288))]:
             (w,) = _random_weights(qtype, shape, 1, seed=1)
             dense = w.dequantize(torch.float32).double()
             for T in (1, 5):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as G
 
@@ -49,6 +50,7 @@ class Format:
         cpu_code: the CPU row kernel's format code.
         gpu: the GPU tier's tiled kernels decode it.
         writable: ``localseek quantize`` writes it (GGUF), by the name ``tag[5:]``.
+        f16_at: byte offsets of the f16 scales in a block (for ``random_blocks``).
     """
 
     tag: str
@@ -58,11 +60,12 @@ class Format:
     cpu_code: int
     gpu: bool = False
     writable: bool = False
+    f16_at: tuple[int, ...] = ()
 
 
-def _ggml(t: G, code: int, gpu: bool = False, writable: bool = False) -> Format:
+def _ggml(t: G, code: int, f16_at=(0,), gpu: bool = False, writable: bool = False) -> Format:
     block, size = GGML_QUANT_SIZES[t]
-    return Format("ggml_" + t.name.lower(), t, block, size, code, gpu, writable)
+    return Format("ggml_" + t.name.lower(), t, block, size, code, gpu, writable, f16_at)
 
 
 FP8_QTYPE = "fp8_e4m3_b128"
@@ -71,17 +74,17 @@ FORMATS: dict[str, Format] = {
     for f in (
         _ggml(G.Q8_0, FMT_Q8_0, gpu=True, writable=True),
         _ggml(G.Q4_0, FMT_Q4_0, gpu=True, writable=True),
-        _ggml(G.Q4_K, FMT_Q4_K, gpu=True, writable=True),
+        _ggml(G.Q4_K, FMT_Q4_K, (0, 2), gpu=True, writable=True),
         Format(FP8_QTYPE, None, 128, 128, FMT_FP8, gpu=True),
-        _ggml(G.Q4_1, FMT_Q4_1),
+        _ggml(G.Q4_1, FMT_Q4_1, (0, 2)),
         _ggml(G.Q5_0, FMT_Q5_0),
-        _ggml(G.Q5_1, FMT_Q5_1),
+        _ggml(G.Q5_1, FMT_Q5_1, (0, 2)),
         _ggml(G.IQ4_NL, FMT_IQ4_NL),
-        _ggml(G.MXFP4, FMT_MXFP4),
-        _ggml(G.Q2_K, FMT_Q2_K),
-        _ggml(G.Q3_K, FMT_Q3_K),
-        _ggml(G.Q5_K, FMT_Q5_K),
-        _ggml(G.Q6_K, FMT_Q6_K),
+        _ggml(G.MXFP4, FMT_MXFP4, ()),  # byte 0: an e8m0 exponent
+        _ggml(G.Q2_K, FMT_Q2_K, (80, 82)),
+        _ggml(G.Q3_K, FMT_Q3_K, (108,)),
+        _ggml(G.Q5_K, FMT_Q5_K, (0, 2)),
+        _ggml(G.Q6_K, FMT_Q6_K, (208,)),
         _ggml(G.IQ4_XS, FMT_IQ4_XS),
     )
 }
@@ -94,3 +97,18 @@ DENSE_GGML = (G.F32, G.F16, G.BF16)
 def ggml_names() -> str:
     """The ggml types localseek reads, for messages: 'F32, F16, ..., IQ4_XS'."""
     return ", ".join([t.name for t in DENSE_GGML] + [t.name for t in BY_GGML])
+
+
+def random_blocks(tag: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random valid stored bytes of a GGML format, uint8 (rows, cols // block * block_bytes):
+    every code and packed-scale bit pattern occurs; f16 scales are finite (|d| <= 0.05) and
+    MXFP4 exponents near 1 (2**-10 .. 2**1), so products stay in range. For tests and
+    benchmarks: kernel timing does not depend on the values."""
+    f = FORMATS[tag]
+    raw = rng.integers(0, 256, (rows, cols // f.block, f.block_bytes), dtype=np.uint8)
+    for o in f.f16_at:
+        d = rng.uniform(-0.05, 0.05, (rows, cols // f.block, 1)).astype(np.float16)
+        raw[..., o : o + 2] = d.view(np.uint8)
+    if f.cpu_code == FMT_MXFP4:
+        raw[..., 0] = rng.integers(118, 130, (rows, cols // f.block))
+    return raw.reshape(rows, -1)
