@@ -258,9 +258,28 @@ def _superblock(g: _Gen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value
     return chunks, sc, mn
 
 
+def _vec1(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """A float scalar as <1 x float>."""
+    return b.insert_element(ir.Constant(_vec(_F32, 1), ir.Undefined), v, _i32(0))
+
+
+def _pair(b: ir.IRBuilder, first, second):
+    """Two 32-weight blocks as one unit: (codes <64 x i8>, <2 x float> scales, mins)."""
+    (c0, s0, m0), (c1, s1, m1) = first, second
+
+    def two(u, v):
+        return b.shuffle_vector(_vec1(b, u), _vec1(b, v), ir.Constant(_vec(_I32, 2), [0, 1]))
+
+    codes = b.shuffle_vector(c0, c1, ir.Constant(_vec(_I32, 64), list(range(64))))
+    return [codes], two(s0, s1), two(m0, m1)
+
+
 def make_rowdot_codes(fmt: int, nt: int, exact: bool):
     """An intrinsic ``rowdot(w, r0, nr, x, t0, dx, xs, lut, out, o0)``:
     out[o0 + t, i] = W[r0 + i] . x[t0 + t] for t < nt, i < nr.
+
+    Super-block formats go a super-block per step; block formats two blocks per step (one
+    512-bit product), an odd last block alone.
 
     Args (numba arrays):
         w: uint8 (rows, row_bytes) stored bytes, one row of blocks per output row.
@@ -274,11 +293,8 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
     """
     wpu, bpu = UNITS[fmt]
     sb = wpu == 256
-    n_groups = 16 if sb else 1
-    n_code = 64 if sb else 32  # bytes per code vector
     vnni = target_vnni()
     fm = ("contract",)
-    acc_lanes = n_code if exact else n_code // 4
 
     @intrinsic
     def rowdot(typingctx, w, r0, nr, x, t0, dx, xs, lut, out, o0):
@@ -302,76 +318,87 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
             lutp = g.data(lutty, args[7])
             outa = g.array(outty, args[8])
             n_units = b.sdiv(b.extract_value(wa.shape, 1), g.i64(bpu))
-            va = _vec(_F32, acc_lanes)
-            vm = _vec(_F32, n_groups)
-            zero = ir.Constant(va, [0.0] * acc_lanes)
-            zero_m = ir.Constant(vm, [0.0] * n_groups) if sb else ir.Constant(_F32, 0.0)
-            accs = [cgutils.alloca_once_value(b, zero) for _ in range(nt)]
-            mins = [cgutils.alloca_once_value(b, zero_m) for _ in range(nt)]
             tok = [b.add(args[4], g.i64(t)) for t in range(nt)]
             xrow = [b.mul(tok[t], n_in) for t in range(nt)]
             brow = [b.mul(tok[t], n_b) for t in range(nt)]
             srow = [b.mul(tok[t], n_xs) for t in range(nt)]
             xel = _F32 if exact else _I8
+            # float accumulators, one per token and vector width: the products (a super-block
+            # or a pair of blocks, and a lone last block), and the mins (per group)
+            lane = 1 if exact else 4  # weights per product lane
+            widths = [256 // 4 // lane] if sb else [64 // lane, 32 // lane]
+            prods, mins = (
+                {wd: [cgutils.alloca_once(b, _vec(_F32, wd)) for _ in range(nt)] for wd in table}
+                for table in (widths, [16] if sb else [2, 1])
+            )
+
+            def unit(codes, sc, mn, gw: int, x0, dx_at, xs_at) -> None:
+                """Accumulate one unit: code vectors, <G x float> scales and mins of groups
+                of ``gw`` weights; x0, dx_at, xs_at: its offsets in x, dx and xs."""
+                n_g = sc.type.count
+                for t in range(nt):
+                    xsv = g.load(xsp, b.add(srow[t], xs_at), _vec(_F32, n_g), _F32)
+                    m = mins[n_g][t]
+                    b.store(b.fadd(b.load(m), b.fmul(mn, xsv)), m)
+                    if exact:
+                        s_t = sc
+                    else:
+                        n_dx = max(1, n_g * gw // 32)
+                        dxv = g.load(dxp, b.add(brow[t], dx_at), _vec(_F32, n_dx), _F32)
+                        s_t = b.fmul(sc, _spread(b, dxv, 2) if gw == 16 else dxv)
+                    for c, cv in enumerate(codes):
+                        n_code = cv.type.count
+                        xo = b.add(xrow[t], b.add(x0, g.i64(64 * c)))
+                        xv = g.load(xp, xo, _vec(xel, n_code), xel)
+                        if exact:
+                            p = b.fmul(b.uitofp(cv, _vec(_F32, n_code)), xv, flags=fm)
+                            per = gw  # one lane a weight
+                        else:
+                            p = b.sitofp(_dpbusd(b, cv, xv, vnni), _vec(_F32, n_code // 4))
+                            per = gw // 4  # one lane per 4 weights
+                        lanes = p.type.count
+                        pick = [64 * c // gw + lane // per for lane in range(lanes)]
+                        sj = b.shuffle_vector(s_t, s_t, ir.Constant(_vec(_I32, lanes), pick))
+                        a = prods[lanes][t]
+                        b.store(b.fadd(b.load(a), b.fmul(sj, p, flags=fm), flags=fm), a)
+
+            def block(u):
+                return _block32(g, fmt, rowp, b.mul(u, g.i64(bpu)), lutp)
 
             with cgutils.for_range(b, nrv) as rows:
                 rowp = g.row(wa, b.add(r0v, rows.index))
-                for t in range(nt):
-                    b.store(zero, accs[t])
-                    b.store(zero_m, mins[t])
-                with cgutils.for_range(b, n_units) as loop:
-                    u = loop.index
-                    base = b.mul(u, g.i64(bpu))
-                    for o in range(0, bpu, 64):
-                        g.prefetch(rowp, b.add(base, g.i64(PF + o)))
-                    x0 = b.mul(u, g.i64(wpu))
-                    if sb:
+                for table in (prods, mins):
+                    for accs in table.values():
+                        for a in accs:
+                            b.store(ir.Constant(a.type.pointee, None), a)
+                if sb:
+                    with cgutils.for_range(b, n_units) as loop:
+                        u = loop.index
+                        base = b.mul(u, g.i64(bpu))
+                        for o in range(0, bpu, 64):
+                            g.prefetch(rowp, b.add(base, g.i64(PF + o)))
                         codes, sc, mn = _superblock(g, fmt, rowp, base, lutp)
-                    else:
-                        code, sc, mn = _block32(g, fmt, rowp, base, lutp)
-                        codes = [code]
-                    for t in range(nt):
-                        # the mins: sum over groups of mn * xs
-                        if sb:
-                            xsv = g.load(xsp, b.add(srow[t], b.mul(u, g.i64(16))), vm, _F32)
-                            b.store(b.fadd(b.load(mins[t]), b.fmul(mn, xsv)), mins[t])
-                        else:
-                            xsv = b.load(b.gep(xsp, [b.add(srow[t], u)], source_etype=_F32))
-                            b.store(b.fadd(b.load(mins[t]), b.fmul(mn, xsv)), mins[t])
-                        # scales per group, times the activations' scales per 32 (int8)
-                        if exact:
-                            s_t = sc
-                        elif sb:
-                            dxv = g.load(
-                                dxp, b.add(brow[t], b.mul(u, g.i64(8))), _vec(_F32, 8), _F32
-                            )
-                            s_t = b.fmul(sc, _spread(b, dxv, 2))
-                        else:
-                            dxv = b.load(b.gep(dxp, [b.add(brow[t], u)], source_etype=_F32))
-                            s_t = b.fmul(sc, dxv)
-                        for c, cv in enumerate(codes):
-                            xo = b.add(xrow[t], b.add(x0, g.i64(n_code * c)))
-                            xv = g.load(xp, xo, _vec(xel, n_code), xel)
-                            if exact:
-                                vals = b.uitofp(cv, _vec(_F32, n_code))
-                                p = b.fmul(vals, xv, flags=fm)
-                                per = 16  # lanes per group
-                            else:
-                                p = b.sitofp(_dpbusd(b, cv, xv, vnni), va)
-                                per = 4
-                            if sb:
-                                pick = [4 * c + lane // per for lane in range(acc_lanes)]
-                                sj = b.shuffle_vector(
-                                    s_t, s_t, ir.Constant(_vec(_I32, acc_lanes), pick)
-                                )
-                            else:
-                                sj = g.bcast(s_t, acc_lanes)
-                            prod = b.fmul(sj, p, flags=fm)
-                            b.store(b.fadd(b.load(accs[t]), prod, flags=fm), accs[t])
+                        x0 = b.mul(u, g.i64(256))
+                        unit(codes, sc, mn, 16, x0, b.mul(u, g.i64(8)), b.mul(u, g.i64(16)))
+                else:
+                    with cgutils.for_range(b, b.sdiv(n_units, g.i64(2))) as loop:
+                        u = b.mul(loop.index, g.i64(2))
+                        g.prefetch(rowp, b.add(b.mul(u, g.i64(bpu)), g.i64(PF)))
+                        codes, sc, mn = _pair(b, block(u), block(b.add(u, g.i64(1))))
+                        unit(codes, sc, mn, 32, b.mul(u, g.i64(32)), u, u)
+                    odd = b.icmp_signed("!=", b.and_(n_units, g.i64(1)), g.i64(0))
+                    with b.if_then(odd, likely=False):
+                        u = b.sub(n_units, g.i64(1))
+                        code, sc, mn = block(u)
+                        unit([code], _vec1(b, sc), _vec1(b, mn), 32, b.mul(u, g.i64(32)), u, u)
                 for t in range(nt):
-                    tot = g.hsum(b.load(accs[t]), acc_lanes)
-                    side = g.hsum(b.load(mins[t]), n_groups) if sb else b.load(mins[t])
-                    g.store2d(b.fsub(tot, side), outa, b.add(o0v, g.i64(t)), rows.index)
+                    tot = ir.Constant(_F32, 0.0)
+                    for table, add in ((prods, b.fadd), (mins, b.fsub)):
+                        for wd, accs in table.items():
+                            v = b.load(accs[t])
+                            h = g.hsum(v, wd) if wd > 1 else b.extract_element(v, _i32(0))
+                            tot = add(tot, h)
+                    g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
             return context.get_dummy_value()
 
         return sig, codegen
