@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from localseek.options import set_threads
 from localseek.quant import QTensor
-from localseek.quant.cpu_kernels import qmatmul
+from localseek.quant.cpu.kernels import qmatmul
 from localseek.quant.formats import FORMATS as REGISTRY
 from localseek.quant.formats import random_blocks
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape

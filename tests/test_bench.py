@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny, tmp_path_factory):
     from localseek.checkpoint import open_checkpoint
-    from localseek.gguf_writer import write_gguf
+    from localseek.convert.gguf_writer import write_gguf
 
     dst = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     with open_checkpoint(tiny) as ckpt:

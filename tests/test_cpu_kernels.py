@@ -17,11 +17,11 @@ import torch
 import localseek
 import localseek.engine
 from localseek.checkpoint import open_checkpoint
-from localseek.gguf_writer import write_gguf
+from localseek.convert.gguf_writer import write_gguf
 from localseek.model.moe import ReferenceExperts, route
 from localseek.offload import CPUExperts
 from localseek.quant import QTensor, linear
-from localseek.quant.cpu_kernels import qmatmul
+from localseek.quant.cpu.kernels import qmatmul
 from localseek.quant.formats import FORMATS, random_blocks
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
 from localseek.quant.linear import grouped_linear, swiglu_linear
@@ -206,7 +206,7 @@ def test_linear_uses_cpu_kernel_for_quantized_weights(monkeypatch) -> None:
     (w,) = _random_weights("ggml_q4_k", (40, 512), 1, seed=6)
     x = torch.randn(2, 3, 512)
     calls = []
-    import localseek.quant.cpu_kernels as ck
+    import localseek.quant.cpu.kernels as ck
 
     real = ck.qmatmul_weight
     monkeypatch.setattr(ck, "qmatmul_weight", lambda *a: calls.append(1) or real(*a))
@@ -249,8 +249,8 @@ def test_int8_path_without_vnni(tmp_path) -> None:
         import sys, torch
         sys.path.insert(0, sys.argv[1])
         from test_cpu_kernels import _int8_activations, _random_weights, _rel
-        from localseek.quant.cpu_kernels import qmatmul
-        from localseek.quant.cpu_rowdot import target_vnni
+        from localseek.quant.cpu.kernels import qmatmul
+        from localseek.quant.cpu.rowdot import target_vnni
         assert target_vnni() == 0, target_vnni()
         for qtype, shape in [("ggml_q8_0", (24, 288)), ("ggml_q4_0", (24, 288)),
                              ("ggml_q4_k", (24, 512)), ("ggml_q6_k", (24, 512)),
@@ -281,8 +281,8 @@ def test_vnni_target_compiles_to_vpdpbusd(tmp_path) -> None:
         """
         import numpy as np
         from numba import njit
-        from localseek.quant import cpu_kernels as ck
-        from localseek.quant.cpu_rowdot import target_vnni
+        from localseek.quant.cpu import kernels as ck
+        from localseek.quant.cpu.rowdot import target_vnni
         assert target_vnni() == 64, target_vnni()
 
         @njit
@@ -304,10 +304,10 @@ def test_vnni_target_compiles_to_vpdpbusd(tmp_path) -> None:
 @pytest.mark.parametrize("qtype", ["ggml_q8_0", "ggml_q4_k"])
 @pytest.mark.parametrize("H,pos", [(6, 0), (6, 299), (8, 517)])
 def test_one_call_decode_attention_against_float64(qtype, H, pos) -> None:
-    """cpu_attention.mla_decode against the absorbed attention in float64 from the dequantized
+    """quant.cpu.attention.mla_decode against the absorbed attention in float64 from the dequantized
     per-head weights: head counts and positions off the 4 x 4 / 8-position blocks, a context
     longer than one 256-position span; the cache written at pos, nothing else touched."""
-    from localseek.quant.cpu_attention import mla_decode
+    from localseek.quant.cpu.attention import mla_decode
 
     C, nope, R, V = 256, 256, 8, 32
     wk_b, wv_b = (

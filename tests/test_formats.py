@@ -13,7 +13,7 @@ import torch
 import localseek
 from localseek.checkpoint import open_checkpoint
 from localseek.checkpoint.gguf import GGUFCheckpoint
-from localseek.gguf_writer import write_gguf
+from localseek.convert.gguf_writer import write_gguf
 from localseek.quant import QTensor
 from localseek.quant.formats import BY_GGML
 

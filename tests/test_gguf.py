@@ -19,8 +19,8 @@ import localseek
 from localseek.checkpoint import open_checkpoint
 from localseek.checkpoint.base import optional_shapes
 from localseek.checkpoint.gguf import GGUFCheckpoint
+from localseek.convert.gguf_writer import write_gguf
 from localseek.errors import CheckpointError
-from localseek.gguf_writer import write_gguf
 from localseek.quant import QTensor
 from localseek.quant.ggml import GGML_QTYPES
 
@@ -249,7 +249,7 @@ def test_bad_gguf_is_one_sentence(case, words, f32_files, tmp_path) -> None:
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_one_call_decode_attention_equals_torch_ops(exact, f32_files, tmp_path) -> None:
-    """A decode step's attention as one numba call (cpu_attention) gives what the torch ops
+    """A decode step's attention as one numba call (quant.cpu.attention) gives what the torch ops
     of the absorbed path give: the same cache contents and the same logits."""
     quant = tmp_path / "q8_0.gguf"
     gu.llama_quantize(f32_files["v2_lite_q"], quant, 7)

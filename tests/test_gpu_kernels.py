@@ -12,8 +12,8 @@ from gguf.quants import dequantize
 
 from localseek.model.moe import ReferenceExperts
 from localseek.quant import QTensor, linear
-from localseek.quant import gpu_kernels as gk
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
+from localseek.quant.gpu import kernels as gk
 
 GGML = {
     "ggml_q8_0": GGMLQuantizationType.Q8_0,

@@ -15,8 +15,8 @@ import localseek
 import localseek.engine
 from localseek import hugepages
 from localseek.checkpoint import open_checkpoint
+from localseek.convert.gguf_writer import write_gguf
 from localseek.engine import _all_weights
-from localseek.gguf_writer import write_gguf
 from localseek.quant import QTensor
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux mappings")

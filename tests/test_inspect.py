@@ -47,8 +47,8 @@ def test_inspect_reads_gguf_types_and_sizes(tmp_path):
     from gguf import GGUFReader
 
     from localseek.checkpoint import open_checkpoint
+    from localseek.convert.gguf_writer import write_gguf
     from localseek.demo import build_tiny_model
-    from localseek.gguf_writer import write_gguf
 
     with open_checkpoint(build_tiny_model(tmp_path / "hf")) as ckpt:
         write_gguf(ckpt, tmp_path / "m.gguf", "q8_0")

@@ -15,9 +15,9 @@ import pytest
 
 import localseek
 from localseek.checkpoint import open_checkpoint
+from localseek.convert.gguf_writer import write_gguf
 from localseek.demo import _TINY_CONFIG, build_tiny_model, random_state
 from localseek.errors import LocalseekError
-from localseek.gguf_writer import write_gguf
 from localseek.offload.cache import make_policy
 from localseek.offload.store import DISK_IO, ExpertSource, SlotPool
 

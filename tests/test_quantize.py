@@ -21,11 +21,11 @@ import localseek
 from localseek.checkpoint import expected_shapes, open_checkpoint
 from localseek.checkpoint.gguf import GGUFCheckpoint
 from localseek.cli.main import main as cli
+from localseek.convert.gguf_writer import write_gguf
+from localseek.convert.quantize import hf_name
 from localseek.demo import _TINY_CONFIG, random_state
-from localseek.gguf_writer import write_gguf
 from localseek.quant import dense
 from localseek.quant.codecs import quantize
-from localseek.quant.convert import hf_name
 
 IDS = [0, 5, 77, 130, 200, 9, 31, 250, 3, 100, 42, 7]
 # rows of 256 values everywhere a K-quant needs them (hidden, expert and dense MLP widths)
@@ -241,7 +241,7 @@ def test_source_failing_midway_leaves_dst_untouched(tmp_path, capsys) -> None:
 
 PROBE = r"""
 import json, sys
-from localseek.quant.convert import quantize_model
+from localseek.convert.quantize import quantize_model
 
 def peak_rss():
     for line in open("/proc/self/status"):

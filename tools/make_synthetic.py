@@ -51,8 +51,8 @@ from localseek.checkpoint.gguf_names import (
     EXPERT_STACK_OF,
 )
 from localseek.config import ModelConfig
+from localseek.convert.gguf_writer import write_config, write_tokenizer_metadata
 from localseek.demo import write_bpe_tokenizer
-from localseek.gguf_writer import _write_config, _write_tokenizer
 from localseek.quant.fp8 import FP8_BLOCK
 from localseek.tokenizer import Tokenizer
 
@@ -289,8 +289,8 @@ def write_synthetic_gguf(arch: str, layers: int, out: Path, seed: int = 0) -> Pa
     try:
         w = GGUFWriter(tmp, ARCH)
         w.add_name(f"localseek synthetic {arch} {layers} layers (random weights)")
-        _write_config(w, cfg, mla=True)
-        _write_tokenizer(w, tok, cfg.vocab_size)
+        write_config(w, cfg, mla=True)
+        write_tokenizer_metadata(w, tok, cfg.vocab_size)
         plan = list(gguf_tensors(cfg))
         for name, shape, qtype, _ in plan:
             w.add_tensor_info(
@@ -320,10 +320,10 @@ FP8_SHARD_BYTES = 2 << 30
 
 def _fp8_tensors(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], bool]]:
     """(canonical name, shape, written as FP8) in model order."""
-    from localseek.quant.convert import _fp8_kind
+    from localseek.convert.quantize import fp8_kind
 
     for name, shape in expected_shapes(cfg).items():
-        yield name, shape, _fp8_kind(name, len(shape)) is not None
+        yield name, shape, fp8_kind(name, len(shape)) is not None
 
 
 def _fp8_pair(gen: torch.Generator, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +338,7 @@ def write_synthetic_fp8(arch: str, layers: int, out: Path, seed: int = 0) -> Pat
     """Write the shape-faithful random model as an FP8 Hugging Face folder; returns it."""
     from safetensors.torch import save_file
 
-    from localseek.quant.convert import hf_name
+    from localseek.convert.quantize import hf_name
 
     raw = synthetic_config(arch, layers)
     cfg = ModelConfig.from_hf_dict(raw, source=f"synthetic {arch}")

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from localseek.quant.convert import KEEP_TYPES, TYPES, QuantizeReport, quantize_model
+from localseek.convert.quantize import KEEP_TYPES, TYPES, QuantizeReport, quantize_model
 
 HELP = "quantize a checkpoint to GGUF (q4_k, q4_0, q8_0) or DeepSeek's FP8 layout"
 

@@ -49,7 +49,9 @@ class MLA(nn.Module):
         self.wk_b, self.wv_b = split if all(map(from_blocks, split)) else (None, None)
         self.wo = w["wo"]
         self._absorb: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._fused: bool | None = None  # one-call decode attention (cpu_attention), found on use
+        self._fused: bool | None = (
+            None  # one-call decode attention (quant.cpu.attention), found on use
+        )
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, nope, C) and W_UV transposed (H, C, v), dense and contiguous, made once:
@@ -85,7 +87,7 @@ class MLA(nn.Module):
         )
         fuse = T == 1 and B == 1 and absorb is not False and rope.pairs is not None
         if fuse and self._fuses(x, cache):
-            from localseek.quant.cpu_attention import mla_decode
+            from localseek.quant.cpu.attention import mla_decode
 
             kv = linear(x, self.wkv_a, ex).view(-1)
             c_cache, pe_cache = cache.arrays(self.layer)
@@ -121,13 +123,13 @@ class MLA(nn.Module):
         return linear(out.reshape(B, T, H * self.v_dim), self.wo, ex)
 
     def _fuses(self, x: torch.Tensor, cache: KVCache) -> bool:
-        """Whether a decode step runs as one ``cpu_attention.mla_decode`` call: per-head
+        """Whether a decode step runs as one ``quant.cpu.attention.mla_decode`` call: per-head
         weights the CPU kernels stream, float32 activations, norm weight and cache on the CPU."""
         f32 = torch.float32
         if self._fused is None:
             ok = self.wk_b is not None and self.kv_norm.weight.dtype == f32
             if ok:
-                from localseek.quant.cpu_attention import supported
+                from localseek.quant.cpu.attention import supported
 
                 ok = supported(self.wk_b, self.wv_b, self.nope_dim, self.kv_lora_rank)
             self._fused = ok

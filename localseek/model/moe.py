@@ -125,7 +125,7 @@ class MoE(nn.Module):
         gate, bias = self.gate.float(), None if self.bias is None else self.bias.float()
         few = flat.shape[0] <= NUMBA_ROWS and flat.dtype == gate.dtype == torch.float32
         if few and flat.device.type == gate.device.type == "cpu":
-            from localseek.quant import cpu_ops  # numba: imported on first use
+            from localseek.quant.cpu import ops as cpu_ops  # numba: imported on first use
 
             cfg = self.cfg
             method = {"noaux_tc": cpu_ops.GROUP_TOP2, "greedy": cpu_ops.GREEDY}.get(

@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _numba_fits(x, self.weight):  # numba: imported on first use
-            from localseek.quant import cpu_ops
+            from localseek.quant.cpu import ops as cpu_ops
 
             return cpu_ops.rms_norm(x, self.weight, self.eps)
         # weight * (x / rms(x)) with the normalisation in float32, then x's dtype; one fused
@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
     def add(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + a, the norm of x + a): a residual add and this norm, one call at decode."""
         if _numba_fits(x, self.weight) and a.dtype == x.dtype and a.shape == x.shape:
-            from localseek.quant import cpu_ops
+            from localseek.quant.cpu import ops as cpu_ops
 
             return cpu_ops.add_rms_norm(x, a, self.weight, self.eps)
         s = x + a

@@ -14,7 +14,7 @@ import torch
 
 from localseek.model.moe import ReferenceExperts
 from localseek.quant import QTensor, Weight
-from localseek.quant.cpu_kernels import KERNEL_FORMATS, block_size, moe_swiglu, raw_bytes
+from localseek.quant.cpu.kernels import KERNEL_FORMATS, block_size, moe_swiglu, raw_bytes
 
 Projection = tuple[int, np.ndarray, np.ndarray]  # format code, bytes (E, rows, rb), scales
 ExpertWeights = dict[int, list[tuple[Weight, Weight, Weight]]]

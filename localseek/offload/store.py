@@ -26,7 +26,7 @@ from localseek.checkpoint import Checkpoint
 from localseek.errors import LocalseekError
 from localseek.offload.cache import CachePolicy, LFUDecay
 from localseek.quant import QTensor, Weight
-from localseek.quant.cpu_kernels import KERNEL_FORMATS, block_size, raw_bytes
+from localseek.quant.cpu.kernels import KERNEL_FORMATS, block_size, raw_bytes
 from localseek.quant.fp8 import FP8_QTYPE
 
 PROJECTIONS = ("w1", "w2", "w3")

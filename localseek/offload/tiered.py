@@ -30,7 +30,7 @@ from localseek.offload.predictor import NextLayerPredictor
 from localseek.offload.stats import OffloadStats
 from localseek.offload.store import ExpertSource, Readers, SlotPool, expert_bytes
 from localseek.quant import linear
-from localseek.quant.cpu_kernels import moe_swiglu
+from localseek.quant.cpu.kernels import moe_swiglu
 
 Progress = Callable[[int], None]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from localseek.quant import gpu_kernels
 from localseek.quant.formats import FORMATS
+from localseek.quant.gpu import kernels as gpu_kernels
 from localseek.quant.tensor import QTensor, Weight
 
 
@@ -21,7 +21,7 @@ def linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tensor:
     """
     if isinstance(w, QTensor):
         if from_blocks(w) and x.device.type == "cpu":
-            from localseek.quant.cpu_kernels import qmatmul_weight  # numba: imported on use
+            from localseek.quant.cpu.kernels import qmatmul_weight  # numba: imported on use
 
             y = qmatmul_weight(_rows(x), w, exact)  # (B*T, out)
             return _back(y, x).reshape(*x.shape[:-1], w.shape[0])
@@ -57,7 +57,7 @@ def swiglu_linear(x: torch.Tensor, w1: Weight, w3: Weight, exact: bool = True) -
     from their blocks go through one kernel call for both (one parallel region, not two, and
     the activation fused); others through ``linear``."""
     if from_blocks(w1) and from_blocks(w3) and x.device.type == "cpu":
-        from localseek.quant.cpu_kernels import swiglu_weights
+        from localseek.quant.cpu.kernels import swiglu_weights
 
         h = swiglu_weights(_rows(x), w1, w3, exact)
         return _back(h, x).reshape(*x.shape[:-1], w1.shape[0])
@@ -79,7 +79,7 @@ def grouped_linear(x: torch.Tensor, w: Weight, exact: bool = True) -> torch.Tens
     xg = x.reshape(-1, G, n_in).transpose(0, 1)  # (G, N, in)
     N = xg.shape[1]
     if from_blocks(w) and x.device.type == "cpu":
-        from localseek.quant.cpu_kernels import qmatmul_weight
+        from localseek.quant.cpu.kernels import qmatmul_weight
 
         flat = xg.reshape(G * N, n_in).float()  # (G * N, in), group-major
         y = qmatmul_weight(flat, w, exact, groups=G)  # (G * N, R)

@@ -7,12 +7,12 @@ latent, RoPE of the shared key and of every head's query, the cache write, W_UK 
 head (``wv_b``). As torch ops that was ~25 small calls a layer, each paying dispatch and running
 on caches the weight-streaming kernels had just flushed: ~2 ms of a 22 ms step on a 4-layer
 V2-Lite-shaped model. Here it is one call (five parallel loops over heads, positions or head
-groups); the two per-head products run the same row kernels (``cpu_kernels._gemm_stream``) on
+groups); the two per-head products run the same row kernels (``kernels.gemm_stream``) on
 the same activations as ``grouped_linear``, so ``wk_b`` / ``wv_b`` give the same numbers bit
 for bit.
 
-numba caches this module keyed on this file alone: after editing ``cpu_kernels`` or
-``cpu_rowdot``, delete ``localseek/quant/__pycache__/*.nb*``.
+numba caches this module keyed on this file alone: after editing ``kernels`` or
+``rowdot``, delete ``localseek/quant/cpu/__pycache__/*.nb*``.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from localseek.quant.cpu_kernels import (
-    _FM,
+from localseek.quant.cpu.kernels import (
     F16_LUT,
+    FASTMATH,
     KERNEL_FORMATS,
-    _check_width,
-    _gemm_stream,
-    _prepare,
-    _stream_ok,
+    check_width,
+    gemm_stream,
     kernel_args,
+    prepare_activations,
+    stream_ok,
 )
 from localseek.quant.tensor import QTensor
 
@@ -41,7 +41,7 @@ _SPAN = 256  # cache positions (512 KiB of a 512-wide latent) summed per pass ov
 # block of dot products shares each load four times (one dot per call ran at half torch's
 # speed); the weighted sum adds 8 positions per pass over an output row, whose one store
 # pointer keeps the loop vectorizable under LLVM's alias checks (4 rows a pass did not).
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=FASTMATH, inline="always")
 def _dot(a, b):
     acc = np.float32(0)
     for i in range(a.shape[0]):
@@ -49,7 +49,7 @@ def _dot(a, b):
     return acc
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=FASTMATH, inline="always")
 def _dot44(q, h, c, s, out) -> None:
     """out[i, j] = q[h + i] . c[s + j] for i, j < 4."""
     q0, q1, q2, q3 = q[h], q[h + 1], q[h + 2], q[h + 3]
@@ -72,7 +72,7 @@ def _dot44(q, h, c, s, out) -> None:
     out[3, 0], out[3, 1], out[3, 2], out[3, 3] = a30, a31, a32, a33
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=FASTMATH, inline="always")
 def _axpy8(o, p, h, s, c) -> None:
     """o += sum_j p[h, s + j] c[s + j] for j < 8."""
     p0, p1, p2, p3 = p[h, s], p[h, s + 1], p[h, s + 2], p[h, s + 3]
@@ -84,7 +84,7 @@ def _axpy8(o, p, h, s, c) -> None:
         o[i] += lo + (p4 * x4[i] + p5 * x5[i] + p6 * x6[i] + p7 * x7[i])
 
 
-@njit(fastmath=_FM, inline="always")
+@njit(fastmath=FASTMATH, inline="always")
 def _axpy1(o, a, x) -> None:
     for i in range(o.shape[0]):
         o[i] += a * x[i]
@@ -99,7 +99,7 @@ def _rotate(x, o, rot, dst, d0) -> None:
         dst[d0 + 2 * i + 1] = x0 * im + x1 * re
 
 
-@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _mla_decode(
     q: np.ndarray,  # float32 (H, nope + R): the token's query, before RoPE
     kv: np.ndarray,  # float32 (C + R,): the latent and the shared key, before norm / RoPE
@@ -139,8 +139,8 @@ def _mla_decode(
         qn = np.empty((1, nope), dtype=np.float32)
         qn[0] = q[h, :nope]
         _rotate(q[h], nope, rot, q_rot[h], 0)
-        quant, xp, xq, dx, xs = _prepare(fk, qn, exact)
-        _gemm_stream(fk, wk, sk, quant, xp, xq, dx, xs, 0, 1, h * C, h * C + C, q_lat[h:], f16)
+        quant, xp, xq, dx, xs = prepare_activations(fk, qn, exact)
+        gemm_stream(fk, wk, sk, quant, xp, xq, dx, xs, 0, 1, h * C, h * C + C, q_lat[h:], f16)
     # scores: a chunk of positions per work item, 4 heads x 4 positions per pass
     p = np.empty((H, S), dtype=np.float32)
     for c in prange((S + _POS - 1) // _POS):
@@ -188,14 +188,14 @@ def _mla_decode(
                     s += 1
     # W_UV: every head's attended latent out to its values
     for h in prange(H):
-        quant, xp, xq, dx, xs = _prepare(fv, o_lat[h : h + 1], exact)
-        _gemm_stream(fv, wv, sv, quant, xp, xq, dx, xs, 0, 1, h * V, h * V + V, out[h:], f16)
+        quant, xp, xq, dx, xs = prepare_activations(fv, o_lat[h : h + 1], exact)
+        gemm_stream(fv, wv, sv, quant, xp, xq, dx, xs, 0, 1, h * V, h * V + V, out[h:], f16)
 
 
 def supported(wk_b: QTensor, wv_b: QTensor, nope: int, rank: int) -> bool:
     """Whether ``mla_decode`` runs these per-head weights (rows the streaming kernels take)."""
     return all(
-        w.qtype in KERNEL_FORMATS and _stream_ok(KERNEL_FORMATS[w.qtype], n)
+        w.qtype in KERNEL_FORMATS and stream_ok(KERNEL_FORMATS[w.qtype], n)
         for w, n in ((wk_b, nope), (wv_b, rank))
     )
 
@@ -240,8 +240,8 @@ def mla_decode(
     out = np.empty((H, wv_b.shape[0] // H), dtype=np.float32)
     (fk, wk, sk), (fv, wv, sv) = kernel_args(wk_b), kernel_args(wv_b)
     R = pe_cache.shape[1]
-    _check_width(fk, wk, q.shape[1] - R)
-    _check_width(fv, wv, c_cache.shape[1])
+    check_width(fk, wk, q.shape[1] - R)
+    check_width(fv, wv, c_cache.shape[1])
     if isinstance(rot, torch.Tensor):
         rot = torch.view_as_real(rot).numpy()
     _mla_decode(

@@ -149,8 +149,8 @@ def write_gguf(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     writer = GGUFWriter(tmp_dir / dst.name, ARCH, split_max_tensors=split_max_tensors)
     try:
-        _write_config(writer, cfg, mla)
-        _write_tokenizer(writer, tok, cfg.vocab_size)
+        write_config(writer, cfg, mla)
+        write_tokenizer_metadata(writer, tok, cfg.vocab_size)
         if any(t.qtype not in _DENSE for t in plan):
             writer.add_quantization_version(GGML_QUANT_VERSION)
         if file_type is not None:
@@ -197,7 +197,7 @@ def _write_data(
         raise LocalseekError(f"tensor {t.name} produced {written} bytes, expected {t.nbytes}.")
 
 
-def _write_config(w: GGUFWriter, cfg: ModelConfig, mla: bool) -> None:
+def write_config(w: GGUFWriter, cfg: ModelConfig, mla: bool) -> None:
     H = cfg.num_attention_heads
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -243,7 +243,7 @@ def _write_config(w: GGUFWriter, cfg: ModelConfig, mla: bool) -> None:
     w.add_vocab_size(cfg.vocab_size)
 
 
-def _write_tokenizer(w: GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
+def write_tokenizer_metadata(w: GGUFWriter, tok: Tokenizer, vocab_size: int) -> None:
     state = json.loads(tok.backend.to_str())
     model = state.get("model", {})
     if model.get("type") != "BPE":

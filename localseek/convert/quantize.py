@@ -37,8 +37,8 @@ from gguf.quants import dequantize
 from localseek.checkpoint import Checkpoint, expected_shapes, open_checkpoint
 from localseek.checkpoint.gguf_names import canonical_expert
 from localseek.checkpoint.hf import HF_NAME_TABLE
+from localseek.convert.gguf_writer import GGUFTensor, fits, write_gguf
 from localseek.errors import LocalseekError
-from localseek.gguf_writer import GGUFTensor, fits, write_gguf
 from localseek.options import set_threads
 from localseek.quant import dense
 from localseek.quant.codecs import WRITABLE, quantize_fp8_block
@@ -260,7 +260,7 @@ class _STEntry:
         return int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _fp8_kind(name: str, ndim: int) -> str | None:
+def fp8_kind(name: str, ndim: int) -> str | None:
     """Class of a canonical tensor written as FP8, or None when it stays BF16/F32."""
     if ndim != 2 or not name.startswith("layers.") or name.endswith(".ffn.gate"):
         return None
@@ -276,7 +276,7 @@ def _fp8_plan(ckpt: Checkpoint) -> list[tuple[str, _STEntry, _STEntry | None]]:
     plan = []
     for name, shape in expected_shapes(ckpt.config).items():
         hf = hf_name(name)
-        if _fp8_kind(name, len(shape)) is not None:
+        if fp8_kind(name, len(shape)) is not None:
             rows, cols = shape
             scale_shape = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
             plan.append(
@@ -369,7 +369,7 @@ def _fp8_tensors(
         yield out
         return
     q, scale = quantize_fp8_block(values)
-    kind = _fp8_kind(name, 2)
+    kind = fp8_kind(name, 2)
     assert kind is not None
     pick = torch.from_numpy(_sample_rows(values.shape[0]))
     full = scale.repeat_interleave(FP8_BLOCK, 0)[pick].repeat_interleave(FP8_BLOCK, 1)

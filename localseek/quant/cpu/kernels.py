@@ -5,7 +5,7 @@ so each thread reads a disjoint slice of the weight bytes. The entry points rele
 so the expert store's reader threads keep reading from disk while a kernel runs. Two paths:
 
 - streaming (every GGML format, FP8 rows of whole 32-column chunks; any T): each row's bytes
-  are decoded by the vector-IR intrinsics of ``cpu_rowdot`` once per 4 tokens, in blocks of
+  are decoded by the vector-IR intrinsics of ``rowdot`` once per 4 tokens, in blocks of
   ``_TOKEN_BLOCK`` tokens whose activations stay in L2; at decode each row is read once.
   ``exact=True``: float32 activations, float32 sums (reordered, still within 1e-5 of float64).
   ``exact=False`` (GGML formats): activations rounded to int8 per 32 (llama.cpp's Q8_0
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from localseek.quant.cpu_codes import make_rowdot_codes
-from localseek.quant.cpu_rowdot import make_rowdot, make_rowdot_i8
+from localseek.quant.cpu.codes import make_rowdot_codes
+from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8
 from localseek.quant.formats import (
     FIRST_CODES,
     FMT_FP8,
@@ -57,7 +57,6 @@ from localseek.quant.tensor import QTensor
 KERNEL_FORMATS: dict[str, int] = {tag: f.cpu_code for tag, f in FORMATS.items()}
 # elements per block, bytes per block (FP8: one byte per element, the block is the scale's)
 _BLOCK = {f.cpu_code: (f.block, f.block_bytes) for f in FORMATS.values()}
-_FIRST_CODES = FIRST_CODES  # format codes from here on are cpu_codes formats
 
 _TILE = 256  # columns decoded at once: one Q4_K super-block, 8 Q8_0/Q4_0 blocks, 2 FP8 blocks
 _TILE_ROWS = 16  # rows decoded at once (the vector lanes); a thread's unit of work
@@ -66,7 +65,7 @@ _STREAM_ROWS = 64  # rows of a streaming work item: longer runs of bytes (16 mea
 F16_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 FP8_LUT = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 _TOKEN_BLOCK = 16  # tokens streamed per pass over a row chunk: (16, 7168) float32 is 458 KiB
-_FM = {"contract", "reassoc"}  # float32 sums may be reordered and fused (still exact inputs)
+FASTMATH = {"contract", "reassoc"}  # float32 sums may be reordered and fused (still exact inputs)
 _RD1_Q8_0, _RD1_Q4_0, _RD1_Q4_K, _RD1_FP8 = (
     make_rowdot(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K, FMT_FP8)
 )
@@ -75,7 +74,7 @@ _RD4_Q8_0, _RD4_Q4_0, _RD4_Q4_K, _RD4_FP8 = (
 )
 _RQ1_Q8_0, _RQ1_Q4_0, _RQ1_Q4_K = (make_rowdot_i8(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 _RQ4_Q8_0, _RQ4_Q4_0, _RQ4_Q4_K = (make_rowdot_i8(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
-# cpu_codes rows: _C{1,4}{Q,F}_<format>: 1 or 4 tokens, int8 (Q) or float32 (F) activations
+# codes rows: _C{1,4}{Q,F}_<format>: 1 or 4 tokens, int8 (Q) or float32 (F) activations
 _CODE_FORMATS = (
     FMT_Q4_1,
     FMT_Q5_0,
@@ -241,23 +240,23 @@ def _gemm_rows(
             out[t, i] = acc[t, i]
 
 
-# --- streaming: each row decoded once per 4 tokens (cpu_rowdot) ---------------------------------
+# --- streaming: each row decoded once per 4 tokens (rowdot) ---------------------------------
 
 
 @njit(cache=True)
-def _stream_ok(fmt: int, n_in: int) -> bool:
-    """Whether cpu_rowdot can run this format at this row length (FP8: whole 32-column chunks)."""
+def stream_ok(fmt: int, n_in: int) -> bool:
+    """Whether rowdot can run this format at this row length (FP8: whole 32-column chunks)."""
     return fmt != FMT_FP8 or n_in % 32 == 0
 
 
 @njit(cache=True)
 def _permute(fmt: int, x: np.ndarray) -> np.ndarray:
-    """Activations (T, in) in cpu_rowdot's order: within each run of 4 * L values (L = 4 for
+    """Activations (T, in) in rowdot's order: within each run of 4 * L values (L = 4 for
     Q4_0, else 8), value 4 * i + k goes to k * L + i, times 256**-k for the nibble formats."""
     T, n = x.shape
     lanes = 4 if fmt == FMT_Q4_0 else 8
     run = 4 * lanes
-    xp = x.copy()  # a tail shorter than a run (never read by cpu_rowdot) stays as it is
+    xp = x.copy()  # a tail shorter than a run (never read by rowdot) stays as it is
     for t in range(T):
         for c in range(n // run):
             o = c * run
@@ -268,7 +267,7 @@ def _permute(fmt: int, x: np.ndarray) -> np.ndarray:
     return xp
 
 
-@njit(fastmath=_FM, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _block_sums(x: np.ndarray, group: int = 32) -> np.ndarray:
     """Sums of each ``group`` consecutive activations: float32 (T, in // group)."""
     T, n = x.shape
@@ -298,13 +297,13 @@ def _q_sums16(xq: np.ndarray, dx: np.ndarray) -> np.ndarray:
 
 @njit(cache=True)
 def _code_group(fmt: int) -> int:
-    """cpu_codes.group_size: 16 for the super-block formats, 32 for the block ones."""
+    """codes.group_size: 16 for the super-block formats, 32 for the block ones."""
     return 16 if fmt in (FMT_Q2_K, FMT_Q3_K, FMT_Q5_K, FMT_Q6_K, FMT_IQ4_XS) else 32
 
 
 @njit(cache=True)
 def _quantize(fmt: int, x: np.ndarray):
-    """Activations (T, in) as int8 per 32 (scale max|x| / 127), for cpu_rowdot's int8 path.
+    """Activations (T, in) as int8 per 32 (scale max|x| / 127), for rowdot's int8 path.
 
     Returns int8 (T, in) values in their natural order; float32 (T, in // 32) scales; float32
     (T, in // 32) sums of the int8 values per 32 (Q4_K: times the scale)."""
@@ -326,15 +325,15 @@ def _quantize(fmt: int, x: np.ndarray):
                 qsum += q
             dx[t, c] = amax / np.float32(127)
             # Q4_K's mins take the rounded activations too: the result is exact for them
-            scaled = fmt == FMT_Q4_K or fmt >= _FIRST_CODES
+            scaled = fmt == FMT_Q4_K or fmt >= FIRST_CODES
             xs[t, c] = np.float32(qsum) * dx[t, c] if scaled else np.float32(qsum)
     return xq, dx, xs
 
 
 # one branch per format: numba cannot pick an intrinsic from a tuple at run time
-@njit(fastmath=_FM, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _dot_codes_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16) -> None:
-    """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for the cpu_codes formats, int8 x."""
+    """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for the cpu.codes formats, int8 x."""
     t = 0
     while t < n:
         four = n - t >= 4
@@ -391,9 +390,9 @@ def _dot_codes_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16) -> None:
         t += 4 if four else 1
 
 
-@njit(fastmath=_FM, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _dot_codes_f32(fmt, w, r0, nr, xp, xs, t0, n, out, o0, f16) -> None:
-    """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for the cpu_codes formats, float32 x."""
+    """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for the cpu.codes formats, float32 x."""
     t = 0
     while t < n:
         four = n - t >= 4
@@ -450,10 +449,10 @@ def _dot_codes_f32(fmt, w, r0, nr, xp, xs, t0, n, out, o0, f16) -> None:
         t += 4 if four else 1
 
 
-@njit(fastmath=_FM, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _dot_tokens_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16) -> None:
     """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for i < n, j < nr, int8 activations (not FP8)."""
-    if fmt >= _FIRST_CODES:
+    if fmt >= FIRST_CODES:
         _dot_codes_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16)
         return
     t = 0
@@ -477,13 +476,13 @@ def _dot_tokens_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16) -> None:
 
 
 @njit(cache=True)
-def _prepare(fmt: int, x: np.ndarray, exact: bool):
+def prepare_activations(fmt: int, x: np.ndarray, exact: bool):
     """What the streaming path needs of activations x (T, in), or nothing for the tile path:
     (use int8 path, float permuted, int8 permuted, int8 scales, sums per 32)."""
     T, n = x.shape
-    if not _stream_ok(fmt, n):
+    if not stream_ok(fmt, n):
         return False, x, np.zeros((0, 0), np.int8), x, x
-    if fmt >= _FIRST_CODES:  # natural order; sums per scale group
+    if fmt >= FIRST_CODES:  # natural order; sums per scale group
         group = _code_group(fmt)
         if exact:
             return False, x, np.zeros((0, 0), np.int8), x, _block_sums(x, group)
@@ -495,11 +494,11 @@ def _prepare(fmt: int, x: np.ndarray, exact: bool):
     return True, x, xq, dx, xs
 
 
-@njit(fastmath=_FM, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _dot_tokens(fmt, w, r0, nr, scale, xp, xs, t0, n, out, o0, f16) -> None:
     """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for i < n, j < nr, float32 activations; each
     row's bytes are decoded once per 4 tokens."""
-    if fmt >= _FIRST_CODES:  # cpu_codes rows take x in natural order; dx is unused
+    if fmt >= FIRST_CODES:  # codes rows take x in natural order; dx is unused
         _dot_codes_f32(fmt, w, r0, nr, xp, xs, t0, n, out, o0, f16)
         return
     t = 0
@@ -526,8 +525,8 @@ def _dot_tokens(fmt, w, r0, nr, scale, xp, xs, t0, n, out, o0, f16) -> None:
             t += 1
 
 
-@njit(fastmath=_FM, cache=True)
-def _gemm_stream(
+@njit(fastmath=FASTMATH, cache=True)
+def gemm_stream(
     fmt: int,
     w: np.ndarray,  # uint8 (rows, row_bytes)
     scale: np.ndarray,  # float32 (row_blocks, col_blocks); FP8 only
@@ -554,7 +553,7 @@ def _gemm_stream(
 # --- one matrix ------------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _qmatmul(
     fmt: int,
     w: np.ndarray,  # uint8 (G * R, row_bytes): G groups of R rows
@@ -568,8 +567,8 @@ def _qmatmul(
 ) -> None:
     N = x.shape[0] // groups
     R = w.shape[0] // groups
-    stream = _stream_ok(fmt, x.shape[1])
-    quant, xp, xq, dx, xs = _prepare(fmt, x, exact)
+    stream = stream_ok(fmt, x.shape[1])
+    quant, xp, xq, dx, xs = prepare_activations(fmt, x, exact)
     rows = _STREAM_ROWS if stream else _TILE_ROWS
     n_chunks = (R + rows - 1) // rows  # per group
     for c in prange(groups * n_chunks):
@@ -579,7 +578,7 @@ def _qmatmul(
         r0, r1, t0 = g * R + j0, g * R + j1, g * N
         part = np.empty((N, j1 - j0), dtype=np.float32)
         if stream:
-            _gemm_stream(fmt, w, scale, quant, xp, xq, dx, xs, t0, N, r0, r1, part, f16)
+            gemm_stream(fmt, w, scale, quant, xp, xq, dx, xs, t0, N, r0, r1, part, f16)
         else:
             _gemm_rows(fmt, w, scale, x[t0 : t0 + N], r0, r1, part, f16, fp8)
         for t in range(N):
@@ -596,7 +595,7 @@ def _scale2d(scale: torch.Tensor | None) -> np.ndarray:
     return np.ascontiguousarray(scale.detach().cpu().numpy(), dtype=np.float32)
 
 
-def _check_width(fmt: int, w: np.ndarray, n_in: int) -> None:
+def check_width(fmt: int, w: np.ndarray, n_in: int) -> None:
     """The stored rows must be exactly ``n_in`` values wide: the kernels trust the row bytes."""
     block, size = _BLOCK[fmt]
     want = n_in if fmt == FMT_FP8 else n_in // block * size
@@ -625,7 +624,7 @@ def kernel_args(w: QTensor) -> tuple[int, np.ndarray, np.ndarray]:
     return got[2], got[3], got[4]
 
 
-def _activations(x: torch.Tensor) -> np.ndarray:
+def activations(x: torch.Tensor) -> np.ndarray:
     xs = x.detach().numpy()
     return (
         xs
@@ -639,13 +638,13 @@ def qmatmul_weight(
 ) -> torch.Tensor:
     """``qmatmul`` for a QTensor, with its kernel arguments kept on it (``kernel_args``)."""
     fmt, arr, sc = kernel_args(w)
-    return _run_qmatmul(_activations(x), fmt, arr, sc, exact, groups)
+    return _run_qmatmul(activations(x), fmt, arr, sc, exact, groups)
 
 
 def _run_qmatmul(xs, fmt, w, sc, exact, groups) -> torch.Tensor:
     if xs.shape[0] % groups or w.shape[0] % groups:
         raise ValueError(f"{xs.shape[0]} tokens and {w.shape[0]} rows in {groups} groups")
-    _check_width(fmt, w, xs.shape[1])
+    check_width(fmt, w, xs.shape[1])
     y = np.empty((xs.shape[0], w.shape[0] // groups), dtype=np.float32)
     _qmatmul(fmt, w, sc, xs, y, F16_LUT, FP8_LUT, bool(exact), groups)
     return torch.from_numpy(y)
@@ -674,22 +673,22 @@ def qmatmul(
     Returns:
         float32 (T, rows), or (G * N, R) with groups.
     """
-    xs = _activations(x)
+    xs = activations(x)
     return _run_qmatmul(xs, KERNEL_FORMATS[qtype], raw_bytes(data), _scale2d(scale), exact, groups)
 
 
 # --- SwiGLU: gate and up in one pass ----------------------------------------------------------
 
 
-@njit(fastmath=_FM, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
 def _swiglu_rows(fmt1, w1, s1, fmt3, w3, s3, stream, p1, p3, x, t0, n, r0, r1, h, f16, fp8):
     """h[t0 + i, r0 + j] = silu(x[t0 + i] . W1[r0 + j]) * (x[t0 + i] . W3[r0 + j]) for i < n;
-    p1, p3: ``_prepare``'s activations for each weight's format."""
+    p1, p3: ``prepare_activations``'s activations for each weight's format."""
     g = np.empty((n, r1 - r0), dtype=np.float32)
     u = np.empty((n, r1 - r0), dtype=np.float32)
     if stream:
-        _gemm_stream(fmt1, w1, s1, p1[0], p1[1], p1[2], p1[3], p1[4], t0, n, r0, r1, g, f16)
-        _gemm_stream(fmt3, w3, s3, p3[0], p3[1], p3[2], p3[3], p3[4], t0, n, r0, r1, u, f16)
+        gemm_stream(fmt1, w1, s1, p1[0], p1[1], p1[2], p1[3], p1[4], t0, n, r0, r1, g, f16)
+        gemm_stream(fmt3, w3, s3, p3[0], p3[1], p3[2], p3[3], p3[4], t0, n, r0, r1, u, f16)
     else:
         _gemm_rows(fmt1, w1, s1, x[t0 : t0 + n], r0, r1, g, f16, fp8)
         _gemm_rows(fmt3, w3, s3, x[t0 : t0 + n], r0, r1, u, f16, fp8)
@@ -699,7 +698,7 @@ def _swiglu_rows(fmt1, w1, s1, fmt3, w3, s3, stream, p1, p3, x, t0, n, r0, r1, h
             h[t0 + i, r0 + j] = gv / (np.float32(1.0) + np.exp(-gv)) * u[i, j]
 
 
-@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _swiglu(
     fmt1: int,
     w1: np.ndarray,  # uint8 (inter, row_bytes): gate
@@ -715,8 +714,8 @@ def _swiglu(
 ) -> None:
     T, n_in = x.shape
     inter = w1.shape[0]
-    stream = _stream_ok(fmt1, n_in) and _stream_ok(fmt3, n_in)
-    p1, p3 = _prepare(fmt1, x, exact), _prepare(fmt3, x, exact)
+    stream = stream_ok(fmt1, n_in) and stream_ok(fmt3, n_in)
+    p1, p3 = prepare_activations(fmt1, x, exact), prepare_activations(fmt3, x, exact)
     rows = _STREAM_ROWS if stream else _TILE_ROWS
     for c in prange((inter + rows - 1) // rows):
         r0 = c * rows
@@ -742,18 +741,18 @@ def swiglu(
     (q1, d1, sc1), (q3, d3, sc3) = w1, w3
     p1 = KERNEL_FORMATS[q1], raw_bytes(d1), _scale2d(sc1)
     p3 = KERNEL_FORMATS[q3], raw_bytes(d3), _scale2d(sc3)
-    return _run_swiglu(_activations(x), p1, p3, exact)
+    return _run_swiglu(activations(x), p1, p3, exact)
 
 
 def swiglu_weights(x: torch.Tensor, w1: QTensor, w3: QTensor, exact: bool = True) -> torch.Tensor:
     """``swiglu`` for QTensors, with their kernel arguments kept on them (``kernel_args``)."""
-    return _run_swiglu(_activations(x), kernel_args(w1), kernel_args(w3), exact)
+    return _run_swiglu(activations(x), kernel_args(w1), kernel_args(w3), exact)
 
 
 def _run_swiglu(xs, p1, p3, exact) -> torch.Tensor:
     (f1, a1, s1), (f3, a3, s3) = p1, p3
-    _check_width(f1, a1, xs.shape[1])
-    _check_width(f3, a3, xs.shape[1])
+    check_width(f1, a1, xs.shape[1])
+    check_width(f3, a3, xs.shape[1])
     if a1.shape[0] != a3.shape[0]:
         raise ValueError(f"gate and up have {a1.shape[0]} and {a3.shape[0]} rows")
     h = np.empty((xs.shape[0], a1.shape[0]), dtype=np.float32)
@@ -764,7 +763,7 @@ def _run_swiglu(xs, p1, p3, exact) -> torch.Tensor:
 # --- one MoE layer ---------------------------------------------------------------------------
 
 
-@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def _moe_swiglu(
     fmt1: int,
     w1: np.ndarray,  # uint8 (E, inter, row_bytes1): gate
@@ -813,9 +812,9 @@ def _moe_swiglu(
             n_active += 1
 
     # activations as the streaming path wants them (per format)
-    stream1 = _stream_ok(fmt1, hidden) and _stream_ok(fmt3, hidden)
-    stream2 = _stream_ok(fmt2, inter)
-    p1, p3 = _prepare(fmt1, xg, exact), _prepare(fmt3, xg, exact)
+    stream1 = stream_ok(fmt1, hidden) and stream_ok(fmt3, hidden)
+    stream2 = stream_ok(fmt2, inter)
+    p1, p3 = prepare_activations(fmt1, xg, exact), prepare_activations(fmt3, xg, exact)
 
     # gate and up, h = silu(x w1.T) * (x w3.T): work items are (active expert, row chunk)
     h = np.empty((N * K, inter), dtype=np.float32)  # (N * K, inter)
@@ -846,7 +845,7 @@ def _moe_swiglu(
             fp8,
         )
 
-    q2, hp, hq, dh, hs = _prepare(fmt2, h, exact)
+    q2, hp, hq, dh, hs = prepare_activations(fmt2, h, exact)
 
     # down, weighted and summed per token: work items are output row chunks, so each thread
     # owns its columns of y and adds the experts in id order
@@ -860,7 +859,7 @@ def _moe_swiglu(
             a, b = offsets[e], offsets[e + 1]
             part = np.empty((b - a, r1 - r0), dtype=np.float32)
             if stream2:
-                _gemm_stream(fmt2, w2[e], s2[e], q2, hp, hq, dh, hs, a, b - a, r0, r1, part, f16)
+                gemm_stream(fmt2, w2[e], s2[e], q2, hp, hq, dh, hs, a, b - a, r0, r1, part, f16)
             else:
                 _gemm_rows(fmt2, w2[e], s2[e], h[a:b], r0, r1, part, f16, fp8)
             for i in range(b - a):

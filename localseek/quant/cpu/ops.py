@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from numba import njit
 
-from localseek.quant.cpu_kernels import _FM, _activations
+from localseek.quant.cpu.kernels import FASTMATH, activations
 
 
-@njit(fastmath=_FM, cache=True, nogil=True)
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
     n = x.shape[1]
     for r in range(x.shape[0]):
@@ -28,7 +28,7 @@ def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None
             out[r, i] = (x[r, i] * inv) * w[i]
 
 
-@njit(fastmath=_FM, cache=True, nogil=True)
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _add_rms_norm(
     x: np.ndarray, a: np.ndarray, w: np.ndarray, eps: float, s: np.ndarray, out: np.ndarray
 ) -> None:
@@ -39,7 +39,7 @@ def _add_rms_norm(
 
 
 def _rows(t: torch.Tensor) -> np.ndarray:
-    return _activations(t.reshape(-1, t.shape[-1]))
+    return activations(t.reshape(-1, t.shape[-1]))
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,7 +65,7 @@ def add_rms_norm(
 GREEDY, GROUP_MAX, GROUP_TOP2 = 0, 1, 2  # topk_method: greedy, group_limited_greedy, noaux_tc
 
 
-@njit(fastmath=_FM, cache=True, nogil=True)
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _route(x, gate, bias, sigmoid, n_group, topk_group, method, norm, v2, scale, ids, wts):
     N, K = ids.shape
     E = gate.shape[0]

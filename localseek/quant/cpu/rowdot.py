@@ -7,7 +7,7 @@ below the memory bandwidth. Two paths:
 - float32 activations (``make_rowdot``, exact): the stored bytes are loaded as 32-bit words and
   byte ``k`` of every word is taken with one mask (or shift) per 8 values, so no shuffle is
   needed. Values come out in the order ``4 * i + k`` (little-endian words); the activations are
-  permuted to match once per call (``cpu_kernels._permute``), which costs ``T * in`` copies
+  permuted to match once per call (``kernels._permute``), which costs ``T * in`` copies
   instead of ``rows * in`` shuffles. Powers of two that the masks leave in the values are folded
   into the permuted activations, so every product is the exact float32 product.
 - int8 activations (``make_rowdot_i8``, the default fast path): u8 x s8 dot products of 4 pairs
@@ -18,9 +18,9 @@ each block once for all ``nt`` tokens; rows are looped over inside it, so a row 
 call nor an array view (that was 30% of a 2048-wide Q4_K row). Accumulation is float32 in
 vector lanes. The IR is target-neutral apart from vpdpbusd: LLVM picks the instructions.
 
-numba's on-disk cache of ``cpu_kernels`` (and of ``cpu_attention``, which inlines its row loops)
+numba's on-disk cache of ``kernels`` (and of ``attention``, which inlines its row loops)
 keys on each module's own file only: after editing this one, delete
-``localseek/quant/__pycache__/*.nb*``.
+``localseek/quant/cpu/__pycache__/*.nb*``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from localseek.quant.formats import FMT_FP8, FMT_Q4_0, FMT_Q4_K, FMT_Q8_0
 # (weights per unit of the loop, stored bytes per unit, vector lanes)
 UNIT = {FMT_Q8_0: (32, 34, 8), FMT_Q4_0: (32, 18, 4), FMT_Q4_K: (256, 144, 8), FMT_FP8: (32, 32, 8)}
 
-_I8, _I16, _I32, _I64, _F32 = (
+I8, I16, I32, I64, F32 = (
     ir.IntType(8),
     ir.IntType(16),
     ir.IntType(32),
@@ -44,27 +44,27 @@ _I8, _I16, _I32, _I64, _F32 = (
 )
 
 
-def _vec(t: ir.Type, n: int) -> ir.VectorType:
+def vec(t: ir.Type, n: int) -> ir.VectorType:
     return ir.VectorType(t, n)
 
 
-def _splat(t: ir.Type, n: int, v) -> ir.Constant:
-    return ir.Constant(_vec(t, n), [v] * n)
+def splat(t: ir.Type, n: int, v) -> ir.Constant:
+    return ir.Constant(vec(t, n), [v] * n)
 
 
 def _iota(n: int) -> ir.Constant:
     """Shuffle indices 0..n-1: concatenates two vectors of n / 2."""
-    return ir.Constant(_vec(_I32, n), list(range(n)))
+    return ir.Constant(vec(I32, n), list(range(n)))
 
 
-class _Gen:
+class IRGen:
     """IR helpers bound to one builder."""
 
     def __init__(self, context, builder):
         self.c, self.b = context, builder
 
     def i64(self, v: int) -> ir.Constant:
-        return ir.Constant(_I64, v)
+        return ir.Constant(I64, v)
 
     def data(self, aryty, ary) -> ir.Value:
         return self.c.make_array(aryty)(self.c, self.b, ary).data
@@ -79,97 +79,97 @@ class _Gen:
 
     def row(self, arr, r: ir.Value) -> ir.Value:
         """An i8* to row ``r`` of a 2-D array (any element type, any row stride)."""
-        base = self.b.bitcast(arr.data, _I8.as_pointer())
+        base = self.b.bitcast(arr.data, I8.as_pointer())
         return self.b.gep(base, [self.b.mul(r, self.b.extract_value(arr.strides, 0))])
 
     def store2d(self, v: ir.Value, arr, r: ir.Value, c: ir.Value) -> None:
         """arr[r, c] = v for a float32 2-D array."""
         p = self.b.gep(self.row(arr, r), [self.b.mul(c, self.b.extract_value(arr.strides, 1))])
-        self.b.store(v, self.b.bitcast(p, _F32.as_pointer()))
+        self.b.store(v, self.b.bitcast(p, F32.as_pointer()))
 
     def lane(self, v: ir.Value, j: int, n: int) -> ir.Value:
         """Broadcast lane j of v to n lanes."""
-        return self.b.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), [j] * n))
+        return self.b.shuffle_vector(v, v, ir.Constant(vec(I32, n), [j] * n))
 
     def bcast(self, s: ir.Value, n: int) -> ir.Value:
-        v = self.b.insert_element(ir.Constant(_vec(_F32, n), ir.Undefined), s, ir.Constant(_I32, 0))
+        v = self.b.insert_element(ir.Constant(vec(F32, n), ir.Undefined), s, ir.Constant(I32, 0))
         return self.lane(v, 0, n)
 
     def hsum(self, v: ir.Value, n: int) -> ir.Value:
         b = self.b
         while n > 1:
             n //= 2
-            lo = b.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n))))
-            hi = b.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n))))
+            lo = b.shuffle_vector(v, v, ir.Constant(vec(I32, n), list(range(n))))
+            hi = b.shuffle_vector(v, v, ir.Constant(vec(I32, n), list(range(n, 2 * n))))
             v = b.fadd(lo, hi)
-        return b.extract_element(v, ir.Constant(_I32, 0))
+        return b.extract_element(v, ir.Constant(I32, 0))
 
     def prefetch(self, row: ir.Value, off: ir.Value) -> None:
         """A non-temporal prefetch of the byte at ``row + off`` (prefetchnta)."""
         b = self.b
         fn = cgutils.get_or_insert_function(
             b.module,
-            ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+            ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
             "llvm.prefetch.p0",
         )
-        p = b.gep(row, [off], source_etype=_I8)
-        b.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
+        p = b.gep(row, [off], source_etype=I8)
+        b.call(fn, [p, ir.Constant(I32, 0), ir.Constant(I32, 0), ir.Constant(I32, 1)])
 
     def f16(self, row: ir.Value, off: ir.Value, lut: ir.Value) -> ir.Value:
         """A little-endian f16 at byte offset ``off`` as float32, through the 65536-entry LUT."""
-        h = self.b.zext(self.load(row, off, _I16, _I8), _I64)
-        return self.b.load(self.b.gep(lut, [h], source_etype=_F32))
+        h = self.b.zext(self.load(row, off, I16, I8), I64)
+        return self.b.load(self.b.gep(lut, [h], source_etype=F32))
 
 
-def _decode(g: _Gen, fmt: int, w: ir.Value, lanes: int) -> list[list[ir.Value]]:
+def _decode(g: IRGen, fmt: int, w: ir.Value, lanes: int) -> list[list[ir.Value]]:
     """The float values of one chunk of words ``w`` (<lanes x i32>), as groups (one per scale)
     of four <lanes x float> vectors, vector k holding byte k (or its nibble) of every word."""
     b = g.b
-    vf = _vec(_F32, lanes)
+    vf = vec(F32, lanes)
     if fmt in (FMT_Q4_K, FMT_Q4_0):  # low nibbles, then high nibbles: q * 256**k
-        wh = b.lshr(w, _splat(_I32, lanes, 4))
+        wh = b.lshr(w, splat(I32, lanes, 4))
         return [
-            [b.sitofp(b.and_(src, _splat(_I32, lanes, 15 << (8 * k))), vf) for k in range(4)]
+            [b.sitofp(b.and_(src, splat(I32, lanes, 15 << (8 * k))), vf) for k in range(4)]
             for src in (w, wh)
         ]
     if fmt == FMT_Q8_0:  # byte k moved to the top: q * 2**24, signed
-        top = _splat(_I32, lanes, -(1 << 24))  # 0xFF000000
+        top = splat(I32, lanes, -(1 << 24))  # 0xFF000000
         out = []
         for k in range(4):
-            v = w if k == 3 else b.shl(w, _splat(_I32, lanes, 24 - 8 * k))
+            v = w if k == 3 else b.shl(w, splat(I32, lanes, 24 - 8 * k))
             out.append(b.sitofp(b.and_(v, top), vf))
         return [out]
     # FP8 e4m3fn: byte at the top, arithmetic shift by 4 puts sign at bit 31 and the 7
     # exponent/mantissa bits at 20..26: a float32 equal to the value * 2**-120 (subnormals too)
-    keep = _splat(_I32, lanes, -(1 << 31) + 0x07F00000)  # 0x87F00000
+    keep = splat(I32, lanes, -(1 << 31) + 0x07F00000)  # 0x87F00000
     out = []
     for k in range(4):
-        v = w if k == 3 else b.shl(w, _splat(_I32, lanes, 24 - 8 * k))
-        v = b.and_(b.ashr(v, _splat(_I32, lanes, 4)), keep)
+        v = w if k == 3 else b.shl(w, splat(I32, lanes, 24 - 8 * k))
+        v = b.and_(b.ashr(v, splat(I32, lanes, 4)), keep)
         out.append(b.bitcast(v, vf))
     return [out]
 
 
-def _q4k_scales(g: _Gen, rowp: ir.Value, base: ir.Value, d: ir.Value, dmin: ir.Value):
+def q4k_scales(g: IRGen, rowp: ir.Value, base: ir.Value, d: ir.Value, dmin: ir.Value):
     """A Q4_K super-block's 8 sub-block scales d * sc and mins dmin * m (<8 x float> each),
     unpacked from its 12 bytes of 6-bit fields as three 32-bit words (four fields a word):
     sc[0:4] = a & 63, m[0:4] = b & 63, sc[4:8] = (c & 15) | (a >> 6) << 4,
     m[4:8] = (c >> 4) | (b >> 6) << 4, bytewise."""
     b = g.b
-    a, bw, c = (g.load(rowp, b.add(base, g.i64(o)), _I32, _I8) for o in (4, 8, 12))
+    a, bw, c = (g.load(rowp, b.add(base, g.i64(o)), I32, I8) for o in (4, 8, 12))
 
     def k(v):
-        return ir.Constant(_I32, v)
+        return ir.Constant(I32, v)
 
     sc_lo, m_lo = b.and_(a, k(0x3F3F3F3F)), b.and_(bw, k(0x3F3F3F3F))
     sc_hi = b.or_(b.and_(c, k(0x0F0F0F0F)), b.and_(b.lshr(a, k(2)), k(0x30303030)))
     m_hi = b.or_(b.and_(b.lshr(c, k(4)), k(0x0F0F0F0F)), b.and_(b.lshr(bw, k(2)), k(0x30303030)))
-    vf = _vec(_F32, 8)
+    vf = vec(F32, 8)
 
     def floats(lo, hi):  # two words of 4 bytes -> <8 x float>
-        v = b.insert_element(ir.Constant(_vec(_I32, 2), ir.Undefined), lo, k(0))
+        v = b.insert_element(ir.Constant(vec(I32, 2), ir.Undefined), lo, k(0))
         v = b.insert_element(v, hi, k(1))
-        return b.uitofp(b.bitcast(v, _vec(_I8, 8)), vf)
+        return b.uitofp(b.bitcast(v, vec(I8, 8)), vf)
 
     sc, m = floats(sc_lo, sc_hi), floats(m_lo, m_hi)
     return b.fmul(g.bcast(d, 8), sc), b.fmul(g.bcast(dmin, 8), m)
@@ -183,22 +183,22 @@ def make_rowdot(fmt: int, nt: int):
 
     Args (numba arrays):
         w: uint8 (rows, row_bytes) stored bytes, one row of blocks per output row.
-        xp: float32 (T, in) activations permuted by ``cpu_kernels._permute`` for ``fmt``.
+        xp: float32 (T, in) activations permuted by ``kernels._permute`` for ``fmt``.
         xsum: float32 (T, in // 32) sums of the unpermuted activations per 32 (Q4_K, Q4_0).
         scale: float32 (row_blocks, in // 128) FP8 block scales (others: unused).
         lut: float32 (65536,) f16 -> float32.
         out: float32 (tokens, nr) results.
     """
     wpu, bpu, lanes = UNIT[fmt]
-    vf = _vec(_F32, lanes)
-    vi = _vec(_I32, lanes)
+    vf = vec(F32, lanes)
+    vi = vec(I32, lanes)
 
     @intrinsic
     def rowdot(typingctx, w, r0, nr, xp, t0, xsum, scale, lut, out, o0):
         sig = types.void(w, r0, nr, xp, t0, xsum, scale, lut, out, o0)
 
         def codegen(context, builder, sig, args):
-            g = _Gen(context, builder)
+            g = IRGen(context, builder)
             b = builder
             wty, _, _, xpty, _, xsty, scty, lutty, outty, _ = sig.args
             wa = g.array(wty, args[0])
@@ -217,7 +217,7 @@ def make_rowdot(fmt: int, nt: int):
             n_acc = 2 if fmt == FMT_Q4_K else 1
             accs = [[cgutils.alloca_once_value(b, zero) for _ in range(n_acc)] for _ in range(nt)]
             mins = [cgutils.alloca_once_value(b, zero) for _ in range(nt)]
-            msum = [cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in range(nt)]
+            msum = [cgutils.alloca_once_value(b, ir.Constant(F32, 0.0)) for _ in range(nt)]
             xrow = [b.mul(b.add(t0v, g.i64(t)), n_in) for t in range(nt)]
             xsrow = [b.mul(b.add(t0v, g.i64(t)), n_xs) for t in range(nt)]
 
@@ -228,9 +228,9 @@ def make_rowdot(fmt: int, nt: int):
                     for a in accs[t]:
                         b.store(zero, a)
                     b.store(zero, mins[t])
-                    b.store(ir.Constant(_F32, 0.0), msum[t])
+                    b.store(ir.Constant(F32, 0.0), msum[t])
                 if fmt == FMT_FP8:  # the row's block scales: scale[r // 128]
-                    scp = b.bitcast(g.row(sca, b.sdiv(r, g.i64(128))), _F32.as_pointer())
+                    scp = b.bitcast(g.row(sca, b.sdiv(r, g.i64(128))), F32.as_pointer())
                 with cgutils.for_range(b, n_units) as loop:
                     u = loop.index
                     base = b.mul(u, g.i64(bpu))
@@ -238,12 +238,12 @@ def make_rowdot(fmt: int, nt: int):
                     if fmt == FMT_Q4_K:
                         d = g.f16(rowp, base, lutp)
                         dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
-                        dsc, dm = _q4k_scales(g, rowp, base, d, dmin)
+                        dsc, dm = q4k_scales(g, rowp, base, d, dmin)
                         for t in range(nt):
-                            xs = g.load(xsp, b.add(xsrow[t], b.mul(u, g.i64(8))), vf, _F32)
+                            xs = g.load(xsp, b.add(xsrow[t], b.mul(u, g.i64(8))), vf, F32)
                             b.store(b.fadd(b.load(mins[t]), b.fmul(dm, xs)), mins[t])
                         for grp in range(4):
-                            wv = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), vi, _I8)
+                            wv = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), vi, I8)
                             halves = _decode(g, fmt, wv, lanes)
                             for h, vals in enumerate(halves):
                                 sj = g.lane(dsc, 2 * grp + h, lanes)
@@ -251,7 +251,7 @@ def make_rowdot(fmt: int, nt: int):
                                     xo = b.add(xrow[t], b.add(x0, g.i64(64 * grp + 32 * h)))
                                     part = None
                                     for k in range(4):
-                                        xv = g.load(xpp, b.add(xo, g.i64(8 * k)), vf, _F32)
+                                        xv = g.load(xpp, b.add(xo, g.i64(8 * k)), vf, F32)
                                         pr = b.fmul(vals[k], xv)
                                         part = pr if part is None else b.fadd(part, pr)
                                     a = accs[t][h]
@@ -259,14 +259,14 @@ def make_rowdot(fmt: int, nt: int):
                     else:
                         if fmt == FMT_FP8:
                             # chunk of 32 columns; its block scale is scale[r // 128, u // 4]
-                            s = b.load(b.gep(scp, [b.sdiv(u, g.i64(4))], source_etype=_F32))
-                            s = b.fmul(s, ir.Constant(_F32, 2.0**120))
+                            s = b.load(b.gep(scp, [b.sdiv(u, g.i64(4))], source_etype=F32))
+                            s = b.fmul(s, ir.Constant(F32, 2.0**120))
                             woff = base
                         else:
                             d = g.f16(rowp, base, lutp)
-                            s = b.fmul(d, ir.Constant(_F32, 2.0**-24)) if fmt == FMT_Q8_0 else d
+                            s = b.fmul(d, ir.Constant(F32, 2.0**-24)) if fmt == FMT_Q8_0 else d
                             woff = b.add(base, g.i64(2))
-                        wv = g.load(rowp, woff, vi, _I8)
+                        wv = g.load(rowp, woff, vi, I8)
                         halves = _decode(g, fmt, wv, lanes)
                         sv = g.bcast(s, lanes)
                         for t in range(nt):
@@ -274,13 +274,13 @@ def make_rowdot(fmt: int, nt: int):
                             for h, vals in enumerate(halves):
                                 xo = b.add(xrow[t], b.add(x0, g.i64(4 * lanes * h)))
                                 for k in range(4):
-                                    xv = g.load(xpp, b.add(xo, g.i64(lanes * k)), vf, _F32)
+                                    xv = g.load(xpp, b.add(xo, g.i64(lanes * k)), vf, F32)
                                     pr = b.fmul(vals[k], xv)
                                     part = pr if part is None else b.fadd(part, pr)
                             a = accs[t][0]
                             b.store(b.fadd(b.load(a), b.fmul(sv, part)), a)
                             if fmt == FMT_Q4_0:  # q - 8: subtract 8 d sum(x) at the end
-                                xs = b.load(b.gep(xsp, [b.add(xsrow[t], u)], source_etype=_F32))
+                                xs = b.load(b.gep(xsp, [b.add(xsrow[t], u)], source_etype=F32))
                                 b.store(b.fadd(b.load(msum[t]), b.fmul(d, xs)), msum[t])
                 for t in range(nt):
                     tot = None
@@ -290,7 +290,7 @@ def make_rowdot(fmt: int, nt: int):
                     side = g.hsum(b.load(mins[t]), 8)  # Q4_K: mins; else the odd block
                     tot = b.fsub(tot, side) if fmt == FMT_Q4_K else b.fadd(tot, side)
                     if fmt == FMT_Q4_0:
-                        tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), b.load(msum[t])))
+                        tot = b.fsub(tot, b.fmul(ir.Constant(F32, 8.0), b.load(msum[t])))
                     g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
             return context.get_dummy_value()
 
@@ -303,7 +303,7 @@ def make_rowdot(fmt: int, nt: int):
 #
 # Activations are quantized per 32 to int8 (scale dx = max|x| / 127, as llama.cpp's Q8
 # activations), kept in their natural order, and multiplied by the weights' integers with one
-# u8 x s8 dot product of 4 pairs per 32-bit lane (``_dpbusd``): AVX512-VNNI / AVX-VNNI's
+# u8 x s8 dot product of 4 pairs per 32-bit lane (``dpbusd``): AVX512-VNNI / AVX-VNNI's
 # vpdpbusd where the target CPU has it, else plain vector IR that LLVM lowers as it can (the
 # same sums, bit for bit). Q4_K / Q4_0 nibbles are already unsigned; Q8_0 weights enter as |w|
 # with w's sign moved onto the activations. One float conversion and one fused multiply-add per
@@ -314,11 +314,11 @@ def make_rowdot(fmt: int, nt: int):
 # activations, the latent cache, the interpreter's own state); 1024 measured best of 0 / 1 K / 4 K
 PF = 1024
 QUNIT = {FMT_Q8_0: (32, 34), FMT_Q4_0: (32, 18), FMT_Q4_K: (256, 144)}
-_VB = _vec(_I8, 32)  # 32 bytes: one ymm
-_VD = _vec(_I32, 8)
+_VB = vec(I8, 32)  # 32 bytes: one ymm
+_VD = vec(I32, 8)
 
 
-def _nibbles(b: ir.IRBuilder, w: ir.Value) -> ir.Value:
+def nibbles(b: ir.IRBuilder, w: ir.Value) -> ir.Value:
     """<n x i8> packed nibbles -> <2n x i8>: the n low nibbles, then the n high ones.
 
     The bytes go into both halves of one vector (a broadcast load, no shuffle), the upper half
@@ -326,10 +326,10 @@ def _nibbles(b: ir.IRBuilder, w: ir.Value) -> ir.Value:
     three whole-vector ops, where splitting the halves and concatenating them cost a shuffle
     per 32 bytes and left the loops shuffle-bound."""
     n = w.type.count
-    both = b.shuffle_vector(w, w, ir.Constant(_vec(_I32, 2 * n), [*range(n)] * 2))
-    shift = ir.Constant(_vec(_I16, n), [0] * (n // 2) + [4] * (n // 2))
-    both = b.lshr(b.bitcast(both, _vec(_I16, n)), shift)
-    return b.and_(b.bitcast(both, _vec(_I8, 2 * n)), _splat(_I8, 2 * n, 15))
+    both = b.shuffle_vector(w, w, ir.Constant(vec(I32, 2 * n), [*range(n)] * 2))
+    shift = ir.Constant(vec(I16, n), [0] * (n // 2) + [4] * (n // 2))
+    both = b.lshr(b.bitcast(both, vec(I16, n)), shift)
+    return b.and_(b.bitcast(both, vec(I8, 2 * n)), splat(I8, 2 * n, 15))
 
 
 def target_features() -> set[str]:
@@ -355,19 +355,19 @@ def target_vnni() -> int:
     return 32 if "avxvnni" in on else 0
 
 
-def _dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int) -> ir.Value:
+def dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int) -> ir.Value:
     """<n x i8> w (unsigned), x (signed) -> <n/4 x i32>: lane i = sum_k w[4i+k] * x[4i+k],
     for n = 32 or 64."""
     n = w.type.count
     if vnni:
         step = min(n, vnni)
-        vd = _vec(_I32, step // 4)
+        vd = vec(I32, step // 4)
         fn = cgutils.get_or_insert_function(
             b.module, ir.FunctionType(vd, [vd] * 3), f"llvm.x86.avx512.vpdpbusd.{8 * step}"
         )
         parts = []
         for o in range(0, n, step):
-            idx = ir.Constant(_vec(_I32, step), list(range(o, o + step)))
+            idx = ir.Constant(vec(I32, step), list(range(o, o + step)))
             wp = w if step == n else b.shuffle_vector(w, w, idx)
             xp = x if step == n else b.shuffle_vector(x, x, idx)
             zero = ir.Constant(vd, [0] * (step // 4))
@@ -375,13 +375,13 @@ def _dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int) -> ir.Value:
         if len(parts) == 1:
             return parts[0]
         return b.shuffle_vector(
-            parts[0], parts[1], ir.Constant(_vec(_I32, n // 4), list(range(n // 4)))
+            parts[0], parts[1], ir.Constant(vec(I32, n // 4), list(range(n // 4)))
         )
-    vn = _vec(_I32, n)
+    vn = vec(I32, n)
     p = b.mul(b.zext(w, vn), b.sext(x, vn))
     tot = None
     for k in range(4):
-        part = b.shuffle_vector(p, p, ir.Constant(_vec(_I32, n // 4), list(range(k, n, 4))))
+        part = b.shuffle_vector(p, p, ir.Constant(vec(I32, n // 4), list(range(k, n, 4))))
         tot = part if tot is None else b.add(tot, part)
     return tot
 
@@ -392,14 +392,14 @@ def make_rowdot_i8(fmt: int, nt: int):
 
     Args (numba arrays):
         w: uint8 (rows, row_bytes) stored bytes, one row of blocks per output row.
-        xq: int8 (T, in) quantized activations (``cpu_kernels._quantize``), natural order.
+        xq: int8 (T, in) quantized activations (``kernels._quantize``), natural order.
         dx: float32 (T, in // 32) their scales.
         xs: float32 (T, in // 32) per 32: sum(xq) * dx (Q4_K mins) or sum(xq) (Q4_0).
         lut: float32 (65536,) f16 -> float32.
         out: float32 (tokens, nr) results.
     """
     wpu, bpu = QUNIT[fmt]
-    vf = _vec(_F32, 8)
+    vf = vec(F32, 8)
     vnni = target_vnni()
     fm = ("contract",)
     n_lanes = 16  # accumulator lanes: 64 weights per product
@@ -409,7 +409,7 @@ def make_rowdot_i8(fmt: int, nt: int):
         sig = types.void(w, r0, nr, xq, t0, dx, xs, lut, out, o0)
 
         def codegen(context, builder, sig, args):
-            g = _Gen(context, builder)
+            g = IRGen(context, builder)
             b = builder
             wty, _, _, xqty, _, dxty, xsty, lutty, outty, _ = sig.args
             wa = g.array(wty, args[0])
@@ -425,11 +425,11 @@ def make_rowdot_i8(fmt: int, nt: int):
             outa = g.array(outty, args[8])
             n_units = b.sdiv(b.extract_value(wa.shape, 1), g.i64(bpu))
             zero8 = ir.Constant(vf, [0.0] * 8)
-            zero = ir.Constant(_vec(_F32, n_lanes), [0.0] * n_lanes)
+            zero = ir.Constant(vec(F32, n_lanes), [0.0] * n_lanes)
             accs = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(nt)]
             mins = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]
-            msum = [cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in range(nt)]
-            zero2 = ir.Constant(_vec(_F32, 2), [0.0, 0.0])
+            msum = [cgutils.alloca_once_value(b, ir.Constant(F32, 0.0)) for _ in range(nt)]
+            zero2 = ir.Constant(vec(F32, 2), [0.0, 0.0])
             msum2 = [cgutils.alloca_once_value(b, zero2) for _ in range(nt)]  # pairs' Q4_0 term
             tok = [b.add(args[4], g.i64(t)) for t in range(nt)]
             xrow = [b.mul(tok[t], n_in) for t in range(nt)]
@@ -445,7 +445,7 @@ def make_rowdot_i8(fmt: int, nt: int):
                     for acc in accs[t]:
                         b.store(zero, acc)
                     b.store(zero8, mins[t])
-                    b.store(ir.Constant(_F32, 0.0), msum[t])
+                    b.store(ir.Constant(F32, 0.0), msum[t])
                     b.store(zero2, msum2[t])
                 if fmt == FMT_Q4_K:
                     with cgutils.for_range(b, n_units) as loop:
@@ -456,23 +456,23 @@ def make_rowdot_i8(fmt: int, nt: int):
                         x0 = b.mul(u, g.i64(wpu))
                         d = g.f16(rowp, base, lutp)
                         dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
-                        dsc, dm = _q4k_scales(g, rowp, base, d, dmin)
+                        dsc, dm = q4k_scales(g, rowp, base, d, dmin)
                         sub = b.mul(u, g.i64(8))
                         s_t = []
                         for t in range(nt):
-                            xsv = g.load(xsp, b.add(brow[t], sub), vf, _F32)
+                            xsv = g.load(xsp, b.add(brow[t], sub), vf, F32)
                             b.store(b.fadd(b.load(mins[t]), b.fmul(dm, xsv)), mins[t])
-                            dxv = g.load(dxp, b.add(brow[t], sub), vf, _F32)
+                            dxv = g.load(dxp, b.add(brow[t], sub), vf, F32)
                             s_t.append(b.fmul(dsc, dxv))
                         for grp in range(4):
                             # sub-blocks 2 grp (low nibbles) and 2 grp + 1 (high): 64 weights
                             # that pair with 64 consecutive activations
-                            wv = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), _VB, _I8)
-                            w64 = _nibbles(b, wv)
-                            pick = ir.Constant(_vec(_I32, 16), [2 * grp] * 8 + [2 * grp + 1] * 8)
+                            wv = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), _VB, I8)
+                            w64 = nibbles(b, wv)
+                            pick = ir.Constant(vec(I32, 16), [2 * grp] * 8 + [2 * grp + 1] * 8)
                             for t in range(nt):
                                 xo = b.add(xrow[t], b.add(x0, g.i64(64 * grp)))
-                                p = _dpbusd(b, w64, g.load(xqp, xo, _vec(_I8, 64), _I8), vnni)
+                                p = dpbusd(b, w64, g.load(xqp, xo, vec(I8, 64), I8), vnni)
                                 sj = b.shuffle_vector(s_t[t], s_t[t], pick)
                                 fma_into(accs[t][grp % 2], sj, p)
                 else:
@@ -482,18 +482,18 @@ def make_rowdot_i8(fmt: int, nt: int):
                         base = b.mul(u, g.i64(bpu))
                         d = g.f16(rowp, base, lutp)
                         if fmt == FMT_Q8_0:
-                            wv = g.load(rowp, b.add(base, g.i64(2)), _VB, _I8)
-                            neg = b.icmp_signed("<", wv, _splat(_I8, 32, 0))
+                            wv = g.load(rowp, b.add(base, g.i64(2)), _VB, I8)
+                            neg = b.icmp_signed("<", wv, splat(I8, 32, 0))
                             return d, b.select(neg, b.neg(wv), wv), neg  # -128 is 128 unsigned
                         # Q4_0: 16 bytes, low nibbles values 0..15, high ones 16..31
-                        w16 = g.load(rowp, b.add(base, g.i64(2)), _vec(_I8, 16), _I8)
-                        return d, _nibbles(b, w16), None
+                        w16 = g.load(rowp, b.add(base, g.i64(2)), vec(I8, 16), I8)
+                        return d, nibbles(b, w16), None
 
                     def scaled(t, u, d):  # d dx[t, u] and the odd block's Q4_0 term
                         blk = b.add(brow[t], u)
-                        sd = b.fmul(d, b.load(b.gep(dxp, [blk], source_etype=_F32)))
+                        sd = b.fmul(d, b.load(b.gep(dxp, [blk], source_etype=F32)))
                         if fmt == FMT_Q4_0:  # q - 8: subtract 8 d dx sum(xq) at the end
-                            xsv = b.load(b.gep(xsp, [blk], source_etype=_F32))
+                            xsv = b.load(b.gep(xsp, [blk], source_etype=F32))
                             b.store(b.fadd(b.load(msum[t]), b.fmul(sd, xsv)), msum[t])
                         return sd
 
@@ -508,24 +508,24 @@ def make_rowdot_i8(fmt: int, nt: int):
                         (d0, w0, n0), (d1, w1, n1) = block32(u), block32(u1)
                         w64 = b.shuffle_vector(w0, w1, _iota(64))
                         neg = None if n0 is None else b.shuffle_vector(n0, n1, _iota(64))
-                        halves = ir.Constant(_vec(_I32, 16), [0] * 8 + [1] * 8)
-                        v2 = _vec(_F32, 2)
+                        halves = ir.Constant(vec(I32, 16), [0] * 8 + [1] * 8)
+                        v2 = vec(F32, 2)
                         dv = b.insert_element(ir.Constant(v2, ir.Undefined), d0, g.i64(0))
                         dv = b.insert_element(dv, d1, g.i64(1))
                         for t in range(nt):
                             blk = b.add(brow[t], u)
-                            sd = b.fmul(dv, g.load(dxp, blk, v2, _F32))  # d dx of both blocks
+                            sd = b.fmul(dv, g.load(dxp, blk, v2, F32))  # d dx of both blocks
                             if fmt == FMT_Q4_0:  # q - 8: 8 d dx sum(xq) comes off at the end
-                                prod = b.fmul(sd, g.load(xsp, blk, v2, _F32), flags=fm)
+                                prod = b.fmul(sd, g.load(xsp, blk, v2, F32), flags=fm)
                                 b.store(b.fadd(b.load(msum2[t]), prod, flags=fm), msum2[t])
                             x0 = b.add(xrow[t], b.mul(u, g.i64(wpu)))
-                            xv = g.load(xqp, x0, _vec(_I8, 64), _I8)
+                            xv = g.load(xqp, x0, vec(I8, 64), I8)
                             if neg is not None:  # w's sign onto x (x in -127..127: no overflow)
                                 xv = b.select(neg, b.neg(xv), xv)
                             fma_into(
                                 accs[t][0],
                                 b.shuffle_vector(sd, sd, halves),
-                                _dpbusd(b, w64, xv, vnni),
+                                dpbusd(b, w64, xv, vnni),
                             )
                     odd = b.icmp_signed("!=", b.and_(n_units, g.i64(1)), g.i64(0))
                     with b.if_then(odd, likely=False):
@@ -533,10 +533,10 @@ def make_rowdot_i8(fmt: int, nt: int):
                         d, wv, neg = block32(u)
                         for t in range(nt):
                             sd = scaled(t, u, d)
-                            xv = g.load(xqp, b.add(xrow[t], b.mul(u, g.i64(wpu))), _VB, _I8)
+                            xv = g.load(xqp, b.add(xrow[t], b.mul(u, g.i64(wpu))), _VB, I8)
                             if neg is not None:
                                 xv = b.select(neg, b.neg(xv), xv)
-                            fma_into(mins[t], g.bcast(sd, 8), _dpbusd(b, wv, xv, vnni))
+                            fma_into(mins[t], g.bcast(sd, 8), dpbusd(b, wv, xv, vnni))
                 for t in range(nt):
                     tot = b.fadd(
                         g.hsum(b.load(accs[t][0]), n_lanes), g.hsum(b.load(accs[t][1]), n_lanes)
@@ -546,7 +546,7 @@ def make_rowdot_i8(fmt: int, nt: int):
                     if fmt == FMT_Q4_0:
                         m2 = b.load(msum2[t])
                         m = b.fadd(b.load(msum[t]), g.hsum(m2, 2))
-                        tot = b.fsub(tot, b.fmul(ir.Constant(_F32, 8.0), m))
+                        tot = b.fsub(tot, b.fmul(ir.Constant(F32, 8.0), m))
                     g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
             return context.get_dummy_value()
 

@@ -1,4 +1,4 @@
-"""Row dot products for the GGML formats that ``cpu_rowdot`` does not hand-schedule, through
+"""Row dot products for the GGML formats that ``rowdot`` does not hand-schedule, through
 one shape every one of them fits: unsigned byte codes with a scale and a min per group.
 
 Each format here is one block decoder (``_DECODERS``) that turns a unit of stored bytes (a
@@ -27,8 +27,8 @@ per group, made once per call. The decoders are whole-vector integer ops and byt
     Q6_K    256   210    16      nibble | 2 qh bits << 4; scale d * int8 s, min 32 sc
     IQ4_XS  256   136    16      table[nibble] + 128; scale d * (6-bit s - 32) (per 32), min 128 sc
 
-Edit note: numba caches ``cpu_kernels`` on its own file only; after editing this one, delete
-``localseek/quant/__pycache__/*.nb*``.
+Edit note: numba caches ``kernels`` on its own file only; after editing this one, delete
+``localseek/quant/cpu/__pycache__/*.nb*``.
 """
 
 from __future__ import annotations
@@ -38,20 +38,20 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from localseek.quant.cpu_rowdot import (
-    _F32,
-    _I8,
-    _I16,
-    _I32,
+from localseek.quant.cpu.rowdot import (
+    F32,
+    I8,
+    I16,
+    I32,
     PF,
-    _dpbusd,
-    _Gen,
-    _nibbles,
-    _q4k_scales,
-    _splat,
-    _vec,
+    IRGen,
+    dpbusd,
+    nibbles,
+    q4k_scales,
+    splat,
     target_features,
     target_vnni,
+    vec,
 )
 from localseek.quant.formats import (
     BY_CODE,
@@ -78,35 +78,35 @@ def group_size(fmt: int) -> int:
 
 
 def _i32(v: int) -> ir.Constant:
-    return ir.Constant(_I32, v)
+    return ir.Constant(I32, v)
 
 
 def _shr16(b: ir.IRBuilder, v: ir.Value, shifts: list[int]) -> ir.Value:
     """Bytes ``v`` (<2n x i8>) shifted right per 16-bit word (``shifts``: n amounts). Bits of
     the next byte move in at the top; callers mask them off."""
     n = v.type.count // 2
-    w = b.lshr(b.bitcast(v, _vec(_I16, n)), ir.Constant(_vec(_I16, n), shifts))
-    return b.bitcast(w, _vec(_I8, 2 * n))
+    w = b.lshr(b.bitcast(v, vec(I16, n)), ir.Constant(vec(I16, n), shifts))
+    return b.bitcast(w, vec(I8, 2 * n))
 
 
 def _dup(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     """<n x i8> -> <2n x i8>: v twice."""
     n = v.type.count
-    return b.shuffle_vector(v, v, ir.Constant(_vec(_I32, 2 * n), [*range(n)] * 2))
+    return b.shuffle_vector(v, v, ir.Constant(vec(I32, 2 * n), [*range(n)] * 2))
 
 
 def _spread(b: ir.IRBuilder, v: ir.Value, times: int) -> ir.Value:
     """Each lane of v repeated ``times`` times."""
     n = v.type.count
     return b.shuffle_vector(
-        v, v, ir.Constant(_vec(_I32, n * times), [i // times for i in range(n * times)])
+        v, v, ir.Constant(vec(I32, n * times), [i // times for i in range(n * times)])
     )
 
 
 def _bits(b: ir.IRBuilder, v: ir.Value, mask: int, shl: int) -> ir.Value:
     """(v & mask) << shl, bytewise."""
     n = v.type.count
-    return b.shl(b.and_(v, _splat(_I8, n, mask)), _splat(_I8, n, shl))
+    return b.shl(b.and_(v, splat(I8, n, mask)), splat(I8, n, shl))
 
 
 def _lookup(b: ir.IRBuilder, idx: ir.Value, table: list[int]) -> ir.Value:
@@ -116,58 +116,58 @@ def _lookup(b: ir.IRBuilder, idx: ir.Value, table: list[int]) -> ir.Value:
     feats = target_features()
     name = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}[n]
     if (n == 32 and "avx2" in feats) or (n == 64 and "avx512bw" in feats):
-        vt = _vec(_I8, n)
+        vt = vec(I8, n)
         fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(vt, [vt, vt]), name)
         tbl = ir.Constant(vt, [v & 255 for v in table] * (n // 16))
         return b.call(fn, [tbl, idx])
-    out = _splat(_I8, n, 0)
+    out = splat(I8, n, 0)
     for k, v in enumerate(table):
-        out = b.select(b.icmp_unsigned("==", idx, _splat(_I8, n, k)), _splat(_I8, n, v & 255), out)
+        out = b.select(b.icmp_unsigned("==", idx, splat(I8, n, k)), splat(I8, n, v & 255), out)
     return out
 
 
 def _qh_bits(b: ir.IRBuilder, qh: ir.Value, value: int) -> ir.Value:
     """Bit j of the 32-bit word qh as byte j of <32 x i8> (``value`` where set, else 0)."""
-    mask = b.bitcast(qh, _vec(ir.IntType(1), 32))
-    return b.select(mask, _splat(_I8, 32, value), _splat(_I8, 32, 0))
+    mask = b.bitcast(qh, vec(ir.IntType(1), 32))
+    return b.select(mask, splat(I8, 32, value), splat(I8, 32, 0))
 
 
-def _block32(g: _Gen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
+def _block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
     """One 32-weight block: (codes <32 x i8>, scale, min) as float scalars."""
     b = g.b
     at = lambda o: b.add(base, g.i64(o))  # noqa: E731
     if fmt == FMT_MXFP4:
-        e = b.zext(g.load(rowp, base, _I8, _I8), _I32)
+        e = b.zext(g.load(rowp, base, I8, I8), I32)
         small = b.icmp_unsigned("<", e, _i32(2))
         bits = b.select(small, b.shl(_i32(0x00200000), e), b.shl(b.sub(e, _i32(1)), _i32(23)))
-        d = b.bitcast(bits, _F32)
-        nib = _nibbles(b, g.load(rowp, at(1), _vec(_I8, 16), _I8))
+        d = b.bitcast(bits, F32)
+        nib = nibbles(b, g.load(rowp, at(1), vec(I8, 16), I8))
         codes = _lookup(b, nib, [v + 12 for v in MXFP4_VALUES])
-        return codes, d, b.fmul(d, ir.Constant(_F32, 12.0))
+        return codes, d, b.fmul(d, ir.Constant(F32, 12.0))
     d = g.f16(rowp, base, lut)
     if fmt == FMT_IQ4_NL:
-        nib = _nibbles(b, g.load(rowp, at(2), _vec(_I8, 16), _I8))
+        nib = nibbles(b, g.load(rowp, at(2), vec(I8, 16), I8))
         codes = _lookup(b, nib, [v + 128 for v in IQ4_VALUES])
-        return codes, d, b.fmul(d, ir.Constant(_F32, 128.0))
+        return codes, d, b.fmul(d, ir.Constant(F32, 128.0))
     with_min = fmt in (FMT_Q4_1, FMT_Q5_1)
     qs_at = 2 + 2 * with_min + 4 * (fmt != FMT_Q4_1)  # after d, m and qh
-    codes = _nibbles(b, g.load(rowp, at(qs_at), _vec(_I8, 16), _I8))
+    codes = nibbles(b, g.load(rowp, at(qs_at), vec(I8, 16), I8))
     if fmt != FMT_Q4_1:  # Q5: the fifth bit of weight j is bit j of qh
-        qh = g.load(rowp, at(2 + 2 * with_min), _I32, _I8)
+        qh = g.load(rowp, at(2 + 2 * with_min), I32, I8)
         codes = b.or_(codes, _qh_bits(b, qh, 16))
     if with_min:  # w = d q + m
         return codes, d, b.fneg(g.f16(rowp, at(2), lut))
-    return codes, d, b.fmul(d, ir.Constant(_F32, 16.0))
+    return codes, d, b.fmul(d, ir.Constant(F32, 16.0))
 
 
-def _superblock(g: _Gen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
+def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
     """One 256-weight super-block: (four <64 x i8> code vectors, <16 x float> scales, mins)."""
     b = g.b
     at = lambda o: b.add(base, g.i64(o))  # noqa: E731
-    v16 = _vec(_F32, 16)
+    v16 = vec(F32, 16)
 
     def load8(o: int, n: int) -> ir.Value:
-        return g.load(rowp, at(o), _vec(_I8, n), _I8)
+        return g.load(rowp, at(o), vec(I8, n), I8)
 
     chunks = []
     if fmt == FMT_Q6_K:  # ql[128], qh[64], int8 scales[16], d
@@ -178,17 +178,17 @@ def _superblock(g: _Gen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value
             ql = load8(64 * n, 64)
             qh = _dup(b, load8(128 + 32 * n, 32))
             for sub in range(2):
-                lo = b.and_(ql, _splat(_I8, 64, 15)) if sub == 0 else b.lshr(ql, _splat(_I8, 64, 4))
+                lo = b.and_(ql, splat(I8, 64, 15)) if sub == 0 else b.lshr(ql, splat(I8, 64, 4))
                 hi = _shr16(b, qh, [4 * sub] * 16 + [4 * sub + 2] * 16)
                 chunks.append(b.or_(lo, _bits(b, hi, 3, 4)))
         return chunks, sc, mn
     if fmt == FMT_Q5_K:  # d, dmin, scales[12], qh[32], qs[128]
         d = g.f16(rowp, base, lut)
         dmin = g.f16(rowp, at(2), lut)
-        dsc, dm = _q4k_scales(g, rowp, base, d, dmin)  # per 32
+        dsc, dm = q4k_scales(g, rowp, base, d, dmin)  # per 32
         qh = _dup(b, load8(16, 32))
         for a in range(4):
-            nib = _nibbles(b, load8(48 + 32 * a, 32))
+            nib = nibbles(b, load8(48 + 32 * a, 32))
             hi = _shr16(b, qh, [2 * a] * 16 + [2 * a + 1] * 16)
             chunks.append(b.or_(nib, _bits(b, hi, 1, 4)))
         return chunks, _spread(b, dsc, 2), _spread(b, dm, 2)
@@ -196,71 +196,67 @@ def _superblock(g: _Gen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value
         d = g.f16(rowp, at(80), lut)
         dmin = g.f16(rowp, at(82), lut)
         s = load8(0, 16)
-        sc = b.fmul(g.bcast(d, 16), b.uitofp(b.and_(s, _splat(_I8, 16, 15)), v16))
-        mn = b.fmul(g.bcast(dmin, 16), b.uitofp(b.lshr(s, _splat(_I8, 16, 4)), v16))
+        sc = b.fmul(g.bcast(d, 16), b.uitofp(b.and_(s, splat(I8, 16, 15)), v16))
+        mn = b.fmul(g.bcast(dmin, 16), b.uitofp(b.lshr(s, splat(I8, 16, 4)), v16))
         for c in range(4):
             n, j0 = c // 2, 2 * (c % 2)
             qs = _dup(b, load8(16 + 32 * n, 32))
             lo = _shr16(b, qs, [2 * j0] * 16 + [2 * j0 + 2] * 16)
-            chunks.append(b.and_(lo, _splat(_I8, 64, 3)))
+            chunks.append(b.and_(lo, splat(I8, 64, 3)))
         return chunks, sc, mn
     if fmt == FMT_Q3_K:  # hmask[32], qs[64], scales[12], d
         d = g.f16(rowp, at(108), lut)
-        lo = g.load(rowp, at(96), _vec(_I32, 2), _I8)
-        hi = g.load(rowp, at(104), _I32, _I8)
-        m4 = ir.Constant(_vec(_I32, 2), [0x0F0F0F0F] * 2)
+        lo = g.load(rowp, at(96), vec(I32, 2), I8)
+        hi = g.load(rowp, at(104), I32, I8)
+        m4 = ir.Constant(vec(I32, 2), [0x0F0F0F0F] * 2)
         l0 = b.and_(lo, m4)
-        l1 = b.and_(b.lshr(lo, ir.Constant(_vec(_I32, 2), [4, 4])), m4)
-        low = b.shuffle_vector(l0, l1, ir.Constant(_vec(_I32, 4), [0, 1, 2, 3]))
-        high = ir.Constant(_vec(_I32, 4), ir.Undefined)
+        l1 = b.and_(b.lshr(lo, ir.Constant(vec(I32, 2), [4, 4])), m4)
+        low = b.shuffle_vector(l0, l1, ir.Constant(vec(I32, 4), [0, 1, 2, 3]))
+        high = ir.Constant(vec(I32, 4), ir.Undefined)
         for k in range(4):
             hk = b.and_(b.lshr(hi, _i32(2 * k)), _i32(0x03030303))
             high = b.insert_element(high, b.shl(hk, _i32(4)), _i32(k))
-        s = b.sub(b.bitcast(b.or_(low, high), _vec(_I8, 16)), _splat(_I8, 16, 32))
+        s = b.sub(b.bitcast(b.or_(low, high), vec(I8, 16)), splat(I8, 16, 32))
         sc = b.fmul(g.bcast(d, 16), b.sitofp(s, v16))
         mn = b.fmul(sc, ir.Constant(v16, [4.0] * 16))
         hm = _dup(b, load8(0, 32))
         for c in range(4):
             n, j0 = c // 2, 2 * (c % 2)
             qs = _dup(b, load8(32 + 32 * n, 32))
-            low2 = b.and_(_shr16(b, qs, [2 * j0] * 16 + [2 * j0 + 2] * 16), _splat(_I8, 64, 3))
+            low2 = b.and_(_shr16(b, qs, [2 * j0] * 16 + [2 * j0 + 2] * 16), splat(I8, 64, 3))
             k0 = 4 * n + j0
             hb = _shr16(b, hm, [k0] * 16 + [k0 + 1] * 16)
             chunks.append(b.or_(low2, _bits(b, hb, 1, 2)))
         return chunks, sc, mn
     # IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]
     d = g.f16(rowp, base, lut)
-    v8i = _vec(_I32, 8)
-    sl = g.load(rowp, at(4), _I32, _I8)
-    sh = b.zext(g.load(rowp, at(2), _I16, _I8), _I32)
+    v8i = vec(I32, 8)
+    sl = g.load(rowp, at(4), I32, I8)
+    sh = b.zext(g.load(rowp, at(2), I16, I8), I32)
 
     def bcast_i(v):
         vec = b.insert_element(ir.Constant(v8i, ir.Undefined), v, _i32(0))
         return b.shuffle_vector(vec, vec, ir.Constant(v8i, [0] * 8))
 
-    ls = b.and_(
-        b.lshr(bcast_i(sl), ir.Constant(v8i, [4 * i for i in range(8)])), _splat(_I32, 8, 15)
-    )
-    hs = b.and_(
-        b.lshr(bcast_i(sh), ir.Constant(v8i, [2 * i for i in range(8)])), _splat(_I32, 8, 3)
-    )
-    s = b.sub(b.or_(ls, b.shl(hs, _splat(_I32, 8, 4))), _splat(_I32, 8, 32))
-    sc8 = b.fmul(g.bcast(d, 8), b.sitofp(s, _vec(_F32, 8)))
+    ls = b.and_(b.lshr(bcast_i(sl), ir.Constant(v8i, [4 * i for i in range(8)])), splat(I32, 8, 15))
+    hs = b.and_(b.lshr(bcast_i(sh), ir.Constant(v8i, [2 * i for i in range(8)])), splat(I32, 8, 3))
+    s = b.sub(b.or_(ls, b.shl(hs, splat(I32, 8, 4))), splat(I32, 8, 32))
+    sc8 = b.fmul(g.bcast(d, 8), b.sitofp(s, vec(F32, 8)))
     sc = _spread(b, sc8, 2)
     mn = b.fmul(sc, ir.Constant(v16, [128.0] * 16))
     table = [v + 128 for v in IQ4_VALUES]
-    order = ir.Constant(_vec(_I32, 64), [*range(16), *range(16), *range(16, 32), *range(16, 32)])
+    order = ir.Constant(vec(I32, 64), [*range(16), *range(16), *range(16, 32), *range(16, 32)])
     for c in range(4):  # blocks 2c and 2c + 1: 16 bytes each, low nibbles then high ones
         w = load8(8 + 32 * c, 32)
         both = b.shuffle_vector(w, w, order)
-        nib = b.and_(_shr16(b, both, ([0] * 8 + [4] * 8) * 2), _splat(_I8, 64, 15))
+        nib = b.and_(_shr16(b, both, ([0] * 8 + [4] * 8) * 2), splat(I8, 64, 15))
         chunks.append(_lookup(b, nib, table))
     return chunks, sc, mn
 
 
 def _vec1(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     """A float scalar as <1 x float>."""
-    return b.insert_element(ir.Constant(_vec(_F32, 1), ir.Undefined), v, _i32(0))
+    return b.insert_element(ir.Constant(vec(F32, 1), ir.Undefined), v, _i32(0))
 
 
 def _pair(b: ir.IRBuilder, first, second):
@@ -268,9 +264,9 @@ def _pair(b: ir.IRBuilder, first, second):
     (c0, s0, m0), (c1, s1, m1) = first, second
 
     def two(u, v):
-        return b.shuffle_vector(_vec1(b, u), _vec1(b, v), ir.Constant(_vec(_I32, 2), [0, 1]))
+        return b.shuffle_vector(_vec1(b, u), _vec1(b, v), ir.Constant(vec(I32, 2), [0, 1]))
 
-    codes = b.shuffle_vector(c0, c1, ir.Constant(_vec(_I32, 64), list(range(64))))
+    codes = b.shuffle_vector(c0, c1, ir.Constant(vec(I32, 64), list(range(64))))
     return [codes], two(s0, s1), two(m0, m1)
 
 
@@ -301,7 +297,7 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
         sig = types.void(w, r0, nr, x, t0, dx, xs, lut, out, o0)
 
         def codegen(context, builder, sig, args):
-            g = _Gen(context, builder)
+            g = IRGen(context, builder)
             b = builder
             wty, _, _, xty, _, dxty, xsty, lutty, outty, _ = sig.args
             wa = g.array(wty, args[0])
@@ -322,13 +318,13 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
             xrow = [b.mul(tok[t], n_in) for t in range(nt)]
             brow = [b.mul(tok[t], n_b) for t in range(nt)]
             srow = [b.mul(tok[t], n_xs) for t in range(nt)]
-            xel = _F32 if exact else _I8
+            xel = F32 if exact else I8
             # float accumulators, one per token and vector width: the products (a super-block
             # or a pair of blocks, and a lone last block), and the mins (per group)
             lane = 1 if exact else 4  # weights per product lane
             widths = [256 // 4 // lane] if sb else [64 // lane, 32 // lane]
             prods, mins = (
-                {wd: [cgutils.alloca_once(b, _vec(_F32, wd)) for _ in range(nt)] for wd in table}
+                {wd: [cgutils.alloca_once(b, vec(F32, wd)) for _ in range(nt)] for wd in table}
                 for table in (widths, [16] if sb else [2, 1])
             )
 
@@ -337,28 +333,28 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                 of ``gw`` weights; x0, dx_at, xs_at: its offsets in x, dx and xs."""
                 n_g = sc.type.count
                 for t in range(nt):
-                    xsv = g.load(xsp, b.add(srow[t], xs_at), _vec(_F32, n_g), _F32)
+                    xsv = g.load(xsp, b.add(srow[t], xs_at), vec(F32, n_g), F32)
                     m = mins[n_g][t]
                     b.store(b.fadd(b.load(m), b.fmul(mn, xsv)), m)
                     if exact:
                         s_t = sc
                     else:
                         n_dx = max(1, n_g * gw // 32)
-                        dxv = g.load(dxp, b.add(brow[t], dx_at), _vec(_F32, n_dx), _F32)
+                        dxv = g.load(dxp, b.add(brow[t], dx_at), vec(F32, n_dx), F32)
                         s_t = b.fmul(sc, _spread(b, dxv, 2) if gw == 16 else dxv)
                     for c, cv in enumerate(codes):
                         n_code = cv.type.count
                         xo = b.add(xrow[t], b.add(x0, g.i64(64 * c)))
-                        xv = g.load(xp, xo, _vec(xel, n_code), xel)
+                        xv = g.load(xp, xo, vec(xel, n_code), xel)
                         if exact:
-                            p = b.fmul(b.uitofp(cv, _vec(_F32, n_code)), xv, flags=fm)
+                            p = b.fmul(b.uitofp(cv, vec(F32, n_code)), xv, flags=fm)
                             per = gw  # one lane a weight
                         else:
-                            p = b.sitofp(_dpbusd(b, cv, xv, vnni), _vec(_F32, n_code // 4))
+                            p = b.sitofp(dpbusd(b, cv, xv, vnni), vec(F32, n_code // 4))
                             per = gw // 4  # one lane per 4 weights
                         lanes = p.type.count
                         pick = [64 * c // gw + lane // per for lane in range(lanes)]
-                        sj = b.shuffle_vector(s_t, s_t, ir.Constant(_vec(_I32, lanes), pick))
+                        sj = b.shuffle_vector(s_t, s_t, ir.Constant(vec(I32, lanes), pick))
                         a = prods[lanes][t]
                         b.store(b.fadd(b.load(a), b.fmul(sj, p, flags=fm), flags=fm), a)
 
@@ -392,7 +388,7 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                         code, sc, mn = block(u)
                         unit([code], _vec1(b, sc), _vec1(b, mn), 32, b.mul(u, g.i64(32)), u, u)
                 for t in range(nt):
-                    tot = ir.Constant(_F32, 0.0)
+                    tot = ir.Constant(F32, 0.0)
                     for table, add in ((prods, b.fadd), (mins, b.fsub)):
                         for wd, accs in table.items():
                             v = b.load(accs[t])

@@ -1,0 +1,1 @@
+"""GPU-tier kernels (torch on CUDA; tiled dequantize + matmul for now)."""
