@@ -99,7 +99,8 @@ def ggml_roundtrip(type_name: str, values: np.ndarray) -> tuple[bytes, np.ndarra
     n = lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, dst.ctypes.data, 0, rows, cols, None)
     assert n == dst.nbytes
     deq = np.zeros(rows * cols, dtype=np.float32)
-    fn = getattr(lib, "dequantize_row_" + type_name.lower().replace("_k", "_K"))
+    name = {"F16": "ggml_fp16_to_fp32_row", "BF16": "ggml_bf16_to_fp32_row"}.get(type_name)
+    fn = getattr(lib, name or "dequantize_row_" + type_name.lower().replace("_k", "_K"))
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     fn(dst.ctypes.data, deq.ctypes.data, rows * cols)
     return dst.tobytes(), deq.reshape(rows, cols)

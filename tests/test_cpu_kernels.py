@@ -52,6 +52,10 @@ def _random_weights(qtype: str, shape: tuple[int, int], n: int, seed: int) -> li
     return [QTensor(qtype, shape, torch.from_numpy(stack[e])) for e in range(n)]
 
 
+# formats whose fast mode keeps float32 activations (their products are exact either way)
+FLOAT_ONLY = {FP8_QTYPE, "ggml_f16", "ggml_bf16"}
+
+
 def _case_shape(qtype: str) -> tuple[int, int]:
     """40 rows (a partial 64-row chunk); 288 columns (9 blocks: an odd last pair) for the
     32-weight blocks, 512 for the 256-weight super-blocks."""
@@ -96,7 +100,9 @@ def test_qmatmul_equals_dequantize_matmul(qtype, shape) -> None:
         y = qmatmul(x, w.qtype, w.data, w.scale)
         assert y.shape == (T, shape[0])
         assert _rel(y, x.double() @ dense.T) < 1e-5
-        if qtype == FP8_QTYPE:
+        if qtype in FLOAT_ONLY:  # F16 / BF16: the fast mode is the exact one
+            if qtype != FP8_QTYPE:
+                assert torch.equal(qmatmul(x, w.qtype, w.data, w.scale, exact=False), y)
             continue
         # fast path: exact for the int8-rounded activations, and within their rounding error
         # of float32 activations (measured 0.4-0.8% of max |y|, 0.5% relative RMS)
@@ -120,7 +126,7 @@ def test_grouped_qmatmul_is_one_product_per_group(qtype, n_in) -> None:
         want = torch.cat([x[g * N : (g + 1) * N].double() @ dense[g].T for g in range(G)])
         got = qmatmul(x, w.qtype, w.data, w.scale, groups=G)
         assert got.shape == (G * N, R) and _rel(got, want) < 1e-5
-        if qtype == FP8_QTYPE:  # FP8 has only the float path
+        if qtype in FLOAT_ONLY:  # FP8, F16, BF16 have only the float path
             continue
         fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False, groups=G)
         xr = _int8_activations(x).double()
@@ -156,7 +162,7 @@ def test_swiglu_equals_silu_of_gate_times_up(qtype, shape) -> None:
         assert got.shape == (2, T, shape[0])
         want = torch.nn.functional.silu(x.double() @ d1.T) * (x.double() @ d3.T)
         assert _rel(got, want) < 1e-5
-        if qtype != FP8_QTYPE:
+        if qtype not in FLOAT_ONLY:
             xr = _int8_activations(x.reshape(-1, shape[1])).double().view(x.shape)
             want = torch.nn.functional.silu(xr @ d1.T) * (xr @ d3.T)
             assert _rel(swiglu_linear(x, w1, w3, exact=False), want) < 1e-5
@@ -173,6 +179,7 @@ def test_swiglu_equals_silu_of_gate_times_up(qtype, shape) -> None:
         (("ggml_q5_k", "ggml_iq4_xs", "ggml_q5_k"), 256),
         (("ggml_mxfp4", "ggml_iq4_nl", "ggml_q5_1"), 288),
         (("ggml_q4_1",) * 3, 288),
+        (("ggml_f16", "ggml_bf16", "ggml_f16"), 288),
         ((FP8_QTYPE,) * 3, 256),
         ((FP8_QTYPE,) * 3, 200),  # down rows of 200 columns: the tile path
     ],
@@ -196,7 +203,7 @@ def test_fused_layer_equals_reference(formats, inter) -> None:
         got = cpu(5, x, ids, wts)
         want = reference(5, x, ids, wts)
         assert _rel(got, want) < 1e-5
-        if f1 != FP8_QTYPE:  # int8 activations (rounded twice: x and h): measured ~0.7%
+        if f1 not in FLOAT_ONLY:  # int8 activations (rounded twice: x and h): measured ~0.7%
             fast = CPUExperts({5: weights[5]}, exact=False)(5, x, ids, wts)
             assert _rel(fast, want) < 3e-2
 

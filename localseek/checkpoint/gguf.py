@@ -322,6 +322,10 @@ class GGUFCheckpoint(Checkpoint):
         data = t.data if expert is None else t.data[expert]
         if expert is not None:
             shape = shape[1:]
+        half = qtype in (GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+        if half and len(shape) == 2 and shape[1] % 32 == 0:  # a matrix the kernels stream
+            raw = torch.from_numpy(data).view(torch.uint8).view(shape[0], -1)
+            return ggml_qtensor(qtype, shape, raw)
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             return torch.from_numpy(data).view(shape)
         raw = torch.from_numpy(data)  # uint8 (..., row_bytes)

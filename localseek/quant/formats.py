@@ -34,7 +34,9 @@ from gguf import GGMLQuantizationType as G
     FMT_Q5_K,
     FMT_Q6_K,
     FMT_IQ4_XS,
-) = range(14)
+    FMT_F16,
+    FMT_BF16,
+) = range(16)
 FIRST_CODES = FMT_Q4_1  # codes from here on are cpu_codes formats
 
 
@@ -86,17 +88,22 @@ FORMATS: dict[str, Format] = {
         _ggml(G.Q5_K, FMT_Q5_K, (0, 2)),
         _ggml(G.Q6_K, FMT_Q6_K, (208,)),
         _ggml(G.IQ4_XS, FMT_IQ4_XS),
+        # float matrices whose rows are whole runs of 32 (the kernel's unit; 1-D tensors and
+        # other widths stay dense torch tensors)
+        Format("ggml_f16", G.F16, 32, 64, FMT_F16),
+        Format("ggml_bf16", G.BF16, 32, 64, FMT_BF16),
     )
 }
 BY_GGML: dict[G, Format] = {f.ggml: f for f in FORMATS.values() if f.ggml is not None}
 BY_CODE: dict[int, Format] = {f.cpu_code: f for f in FORMATS.values()}
-# the float types a GGUF holds; they are served as dense tensors, not QTensors
+# the float types a GGUF holds (F32 always dense; F16/BF16 matrices as QTensors, see above)
 DENSE_GGML = (G.F32, G.F16, G.BF16)
+FLOAT_CODES = (FMT_F16, FMT_BF16)
 
 
 def ggml_names() -> str:
-    """The ggml types localseek reads, for messages: 'F32, F16, ..., IQ4_XS'."""
-    return ", ".join([t.name for t in DENSE_GGML] + [t.name for t in BY_GGML])
+    """The ggml types localseek reads, for messages: 'F32, F16, BF16, Q8_0, ..., IQ4_XS'."""
+    return ", ".join(dict.fromkeys([t.name for t in DENSE_GGML] + [t.name for t in BY_GGML]))
 
 
 def random_blocks(tag: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,6 +112,11 @@ def random_blocks(tag: str, rows: int, cols: int, rng: np.random.Generator) -> n
     MXFP4 exponents near 1 (2**-10 .. 2**1), so products stay in range. For tests and
     benchmarks: kernel timing does not depend on the values."""
     f = FORMATS[tag]
+    if f.cpu_code in FLOAT_CODES:
+        values = rng.standard_normal((rows, cols), dtype=np.float32)
+        if f.cpu_code == FMT_F16:
+            return values.astype(np.float16).view(np.uint8)
+        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)  # bf16, truncated
     raw = rng.integers(0, 256, (rows, cols // f.block, f.block_bytes), dtype=np.uint8)
     for o in f.f16_at:
         d = rng.uniform(-0.05, 0.05, (rows, cols // f.block, 1)).astype(np.float16)

@@ -56,6 +56,8 @@ from localseek.quant.cpu.rowdot import (
 from localseek.quant.formats import (
     BY_CODE,
     FIRST_CODES,
+    FLOAT_CODES,
+    FMT_F16,
     FMT_IQ4_NL,
     FMT_MXFP4,
     FMT_Q2_K,
@@ -67,7 +69,11 @@ from localseek.quant.formats import (
 )
 
 # (weights per unit, bytes per unit); a super-block format has 16 groups of 16, a block one group
-UNITS = {code: (f.block, f.block_bytes) for code, f in BY_CODE.items() if code >= FIRST_CODES}
+UNITS = {
+    code: (f.block, f.block_bytes)
+    for code, f in BY_CODE.items()
+    if code >= FIRST_CODES and code not in FLOAT_CODES
+}
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
@@ -394,6 +400,57 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                             v = b.load(accs[t])
                             h = g.hsum(v, wd) if wd > 1 else b.extract_element(v, _i32(0))
                             tot = add(tot, h)
+                    g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rowdot
+
+
+def make_rowdot_float(fmt: int, nt: int):
+    """An intrinsic with ``make_rowdot_codes``' arguments for F16 / BF16 rows (dx, xs and lut
+    unused): 32 values a step widened to float32 (vcvtph2ps for F16, a 16-bit shift for BF16)
+    and multiplied with float32 activations, in both modes (the products are exact)."""
+    fm = ("contract",)
+
+    @intrinsic
+    def rowdot(typingctx, w, r0, nr, x, t0, dx, xs, lut, out, o0):
+        sig = types.void(w, r0, nr, x, t0, dx, xs, lut, out, o0)
+
+        def codegen(context, builder, sig, args):
+            g = IRGen(context, builder)
+            b = builder
+            wty, _, _, xty, _, _, _, _, outty, _ = sig.args
+            wa = g.array(wty, args[0])
+            r0v, nrv, o0v = args[1], args[2], args[9]
+            xa = g.array(xty, args[3])
+            n_in = b.extract_value(xa.shape, 1)
+            outa = g.array(outty, args[8])
+            n_units = b.sdiv(b.extract_value(wa.shape, 1), g.i64(64))
+            v32 = vec(F32, 32)
+            accs = [cgutils.alloca_once(b, v32) for _ in range(nt)]
+            xrow = [b.mul(b.add(args[4], g.i64(t)), n_in) for t in range(nt)]
+            with cgutils.for_range(b, nrv) as rows:
+                rowp = g.row(wa, b.add(r0v, rows.index))
+                for a in accs:
+                    b.store(ir.Constant(v32, None), a)
+                with cgutils.for_range(b, n_units) as loop:
+                    u = loop.index
+                    base = b.mul(u, g.i64(64))
+                    g.prefetch(rowp, b.add(base, g.i64(PF)))
+                    h = g.load(rowp, base, vec(I16, 32), I8)
+                    if fmt == FMT_F16:
+                        wv = b.fpext(b.bitcast(h, vec(ir.HalfType(), 32)), v32)
+                    else:
+                        wide = b.shl(b.zext(h, vec(I32, 32)), splat(I32, 32, 16))
+                        wv = b.bitcast(wide, v32)
+                    for t in range(nt):
+                        xv = g.load(xa.data, b.add(xrow[t], b.mul(u, g.i64(32))), v32, F32)
+                        a = accs[t]
+                        b.store(b.fadd(b.load(a), b.fmul(wv, xv, flags=fm), flags=fm), a)
+                for t in range(nt):
+                    tot = g.hsum(b.load(accs[t]), 32)
                     g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
             return context.get_dummy_value()
 

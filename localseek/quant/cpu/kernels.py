@@ -31,10 +31,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from localseek.quant.cpu.codes import make_rowdot_codes
+from localseek.quant.cpu.codes import make_rowdot_codes, make_rowdot_float
 from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8
 from localseek.quant.formats import (
     FIRST_CODES,
+    FLOAT_CODES,
+    FMT_BF16,
+    FMT_F16,
     FMT_FP8,
     FMT_IQ4_NL,
     FMT_IQ4_XS,
@@ -75,6 +78,9 @@ _RD4_Q8_0, _RD4_Q4_0, _RD4_Q4_K, _RD4_FP8 = (
 _RQ1_Q8_0, _RQ1_Q4_0, _RQ1_Q4_K = (make_rowdot_i8(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 _RQ4_Q8_0, _RQ4_Q4_0, _RQ4_Q4_K = (make_rowdot_i8(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 # codes rows: _C{1,4}{Q,F}_<format>: 1 or 4 tokens, int8 (Q) or float32 (F) activations
+_C1_F16, _C4_F16, _C1_BF16, _C4_BF16 = (
+    make_rowdot_float(f, n) for f in (FMT_F16, FMT_BF16) for n in (1, 4)
+)
 _CODE_FORMATS = (
     FMT_Q4_1,
     FMT_Q5_0,
@@ -446,6 +452,16 @@ def _dot_codes_f32(fmt, w, r0, nr, xp, xs, t0, n, out, o0, f16) -> None:
                 _C4F_IQ4_XS(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
             else:
                 _C1F_IQ4_XS(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_F16:
+            if four:
+                _C4_F16(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1_F16(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+        elif fmt == FMT_BF16:
+            if four:
+                _C4_BF16(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
+            else:
+                _C1_BF16(w, r0, nr, xp, t0 + t, xs, xs, f16, out, o0 + t)
         t += 4 if four else 1
 
 
@@ -481,6 +497,8 @@ def prepare_activations(fmt: int, x: np.ndarray, exact: bool):
     (use int8 path, float permuted, int8 permuted, int8 scales, sums per 32)."""
     T, n = x.shape
     if not stream_ok(fmt, n):
+        return False, x, np.zeros((0, 0), np.int8), x, x
+    if fmt in FLOAT_CODES:  # F16 / BF16: float32 activations in both modes, no sums
         return False, x, np.zeros((0, 0), np.int8), x, x
     if fmt >= FIRST_CODES:  # natural order; sums per scale group
         group = _code_group(fmt)
