@@ -104,3 +104,24 @@ def ggml_roundtrip(type_name: str, values: np.ndarray) -> tuple[bytes, np.ndarra
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     fn(dst.ctypes.data, deq.ctypes.data, rows * cols)
     return dst.tobytes(), deq.reshape(rows, cols)
+
+
+def vocab_copy(src: Path, dst: Path, **changes) -> Path:
+    """A tensorless copy of a GGUF's metadata (what llama.cpp's vocab_only load reads), with
+    ``changes`` (key: value) to string fields applied."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, changes.get(name, field.contents()), vtype, sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

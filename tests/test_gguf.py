@@ -201,6 +201,29 @@ def test_tokenizer_matches_llama_cpp(f32_files) -> None:
         assert tok.decode(ours) == text
 
 
+def test_deepseek_llm_pre_tokenizer_matches_llama_cpp(f32_files, tmp_path) -> None:
+    """DeepSeek-V2 / V2-Lite files (llama.cpp's converter writes pre-tokenizer 'deepseek-llm'
+    for them) tokenize as llama.cpp does."""
+    from localseek.checkpoint.gguf import tokenizer_from_gguf
+
+    path = gu.vocab_copy(
+        f32_files["v2_lite"], tmp_path / "v2.gguf", **{"tokenizer.ggml.pre": "deepseek-llm"}
+    )
+    reader = gguf.GGUFReader(path)
+    tok = tokenizer_from_gguf(lambda k, d=None: _field(reader, k, d), str(path))
+    lm = gu.llama(path, vocab_only=True)
+    extra = ["déjà vu, naïve café ＡＢＣ 12345678 x\r\ny", "  two  spaces  ", "end   "]
+    for text in gu.SAMPLES + extra:
+        ours = tok.encode(text, add_bos=False)
+        assert ours == lm.tokenize(text.encode(), add_bos=False, special=True), text
+        assert tok.decode(ours) == text
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
 def _bad_files(f32: Path, d: Path) -> dict[str, Path]:
     data = f32.read_bytes()
     files = {"magic": d / "magic.gguf", "truncated": d / "trunc.gguf", "unknown": d / "unk.gguf"}

@@ -37,6 +37,17 @@ from localseek.quant.formats import ggml_names
 from localseek.quant.ggml import DENSE_TYPES, GGML_QTYPES, ggml_qtensor
 from localseek.tokenizer import Tokenizer
 
+# llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM pre-tokenizer (DeepSeek-V2 / V2-Lite and
+# DeepSeek-LLM's tokenizer.json splits, each isolated, then byte-level mapping)
+DEEPSEEK_LLM_PRE_REGEXES = [
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",  # noqa: E501
+    "\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-\ud7ff]+",
+    "\\p{N}+",
+]
+
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 # llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM pre-tokenizer, as in DeepSeek-V3's tokenizer.json.
@@ -371,11 +382,12 @@ def _dense(w: Weight) -> torch.Tensor:
     return w.dequantize(torch.float32) if isinstance(w, QTensor) else w.to(torch.float32)
 
 
-def deepseek3_pre_tokenizer() -> Any:
-    """The DeepSeek-V3 pre-tokenizer: three isolating regex splits, then byte-level mapping."""
+def deepseek3_pre_tokenizer(regexes: list[str] = DEEPSEEK3_PRE_REGEXES) -> Any:
+    """A DeepSeek pre-tokenizer: isolating regex splits (V3's three by default; V2's
+    ``DEEPSEEK_LLM_PRE_REGEXES``), then byte-level mapping."""
     from tokenizers import Regex, pre_tokenizers
 
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in DEEPSEEK3_PRE_REGEXES]
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     return pre_tokenizers.Sequence([*splits, byte_level])
 
@@ -396,9 +408,9 @@ def tokenizer_from_gguf(meta: Any, source: str) -> Tokenizer | None:
     if kind != "gpt2":
         raise CheckpointError(f"{source}: tokenizer model '{kind}' is not supported (gpt2 BPE).")
     pre = meta(Keys.TOK_PRE, "default")
-    if pre not in ("deepseek-v3", "default", "gpt2"):
+    if pre not in ("deepseek-v3", "deepseek-llm", "default", "gpt2"):
         raise CheckpointError(
-            f"{source}: pre-tokenizer '{pre}' is not supported (deepseek-v3 or gpt2)."
+            f"{source}: pre-tokenizer '{pre}' is not supported (deepseek-v3, deepseek-llm or gpt2)."
         )
     tokens = list(meta(Keys.TOK_TOKENS, []))
     types = list(meta(Keys.TOK_TYPES, [TokenType.NORMAL] * len(tokens)))
@@ -407,6 +419,8 @@ def tokenizer_from_gguf(meta: Any, source: str) -> Tokenizer | None:
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     if pre == "deepseek-v3":
         tok.pre_tokenizer = deepseek3_pre_tokenizer()
+    elif pre == "deepseek-llm":
+        tok.pre_tokenizer = deepseek3_pre_tokenizer(DEEPSEEK_LLM_PRE_REGEXES)
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
