@@ -78,6 +78,11 @@ _RD4_Q8_0, _RD4_Q4_0, _RD4_Q4_K, _RD4_FP8 = (
 _RQ1_Q8_0, _RQ1_Q4_0, _RQ1_Q4_K = (make_rowdot_i8(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 _RQ4_Q8_0, _RQ4_Q4_0, _RQ4_Q4_K = (make_rowdot_i8(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 # codes rows: _C{1,4}{Q,F}_<format>: 1 or 4 tokens, int8 (Q) or float32 (F) activations
+# super-block formats at prefill: 8 tokens a pass over each row (their decode costs more than
+# cpu.rowdot's, so it is shared by more tokens)
+_C8Q_Q2_K, _C8Q_Q3_K, _C8Q_Q5_K, _C8Q_Q6_K, _C8Q_IQ4_XS = (
+    make_rowdot_codes(f, 8, False) for f in (FMT_Q2_K, FMT_Q3_K, FMT_Q5_K, FMT_Q6_K, FMT_IQ4_XS)
+)
 _C1_F16, _C4_F16, _C1_BF16, _C4_BF16 = (
     make_rowdot_float(f, n) for f in (FMT_F16, FMT_BF16) for n in (1, 4)
 )
@@ -341,6 +346,19 @@ def _quantize(fmt: int, x: np.ndarray):
 def _dot_codes_q8(fmt, w, r0, nr, xq, dx, xs, t0, n, out, o0, f16) -> None:
     """out[o0 + i, j] = W[r0 + j] . x[t0 + i] for the cpu.codes formats, int8 x."""
     t = 0
+    while n - t >= 8 and fmt in (FMT_Q2_K, FMT_Q3_K, FMT_Q5_K, FMT_Q6_K, FMT_IQ4_XS):
+        args = (w, r0, nr, xq, t0 + t, dx, xs, f16, out, o0 + t)
+        if fmt == FMT_Q6_K:
+            _C8Q_Q6_K(*args)
+        elif fmt == FMT_Q5_K:
+            _C8Q_Q5_K(*args)
+        elif fmt == FMT_Q3_K:
+            _C8Q_Q3_K(*args)
+        elif fmt == FMT_Q2_K:
+            _C8Q_Q2_K(*args)
+        else:
+            _C8Q_IQ4_XS(*args)
+        t += 8
     while t < n:
         four = n - t >= 4
         if fmt == FMT_Q4_1:
