@@ -327,7 +327,9 @@ def write_deepseek_llm_tokenizer(folder: Path, llama_cpp: Path) -> None:
     expected = Path(f"{vocab_file}.out").read_text(encoding="utf-8").split("\n")
     for text, ids in zip(cases, expected, strict=False):
         if tok.encode(text, add_special_tokens=False).ids != [int(x) for x in ids.split()]:
-            raise SystemExit(f"{vocab_file}: the rebuilt tokenizer fails llama.cpp's test {text!r}.")
+            raise SystemExit(
+                f"{vocab_file}: the rebuilt tokenizer fails llama.cpp's test {text!r}."
+            )
     tok.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -516,29 +518,37 @@ def type_mix(path: Path) -> dict[str, dict[str, int]]:
     return dict(sorted(mix.items(), key=lambda kv: -kv[1]["bytes"]))
 
 
-def roles(path: Path) -> dict[str, list[str]]:
-    """{tensor role (name without the layer number): sorted ggml types it is stored in}."""
+def roles(path: Path) -> dict[str, dict[str, int]]:
+    """{ggml type name: {tensor role (its name less ``blk.N.``): how many tensors}}."""
     from gguf import GGUFReader
 
-    found: dict[str, set[str]] = {}
+    found: dict[str, dict[str, int]] = {}
     for t in GGUFReader(path).tensors:
-        found.setdefault(re.sub(r"^blk\.\d+\.", "", t.name), set()).add(t.tensor_type.name)
-    return {k: sorted(v) for k, v in sorted(found.items())}
-
-
-def mix_line(mix: dict[str, dict[str, int]]) -> str:
-    """``Q4_K 141x 1234.5 MiB, ...``: the type mix on one line."""
-    return ", ".join(f"{k} {v['tensors']}x {v['bytes'] / 2**20:.1f} MiB" for k, v in mix.items())
+        role = re.sub(r"^blk\.\d+\.", "", t.name).removesuffix(".weight")
+        by_role = found.setdefault(t.tensor_type.name, {})
+        by_role[role] = by_role.get(role, 0) + 1
+    return found
 
 
 def show(path: Path) -> None:
-    mix = type_mix(path)
-    console.print(f"[bold]{path.name}[/] {path.stat().st_size / 2**30:.2f} GiB: {mix_line(mix)}")
-    by_types: dict[str, list[str]] = {}
-    for role, types in roles(path).items():
-        by_types.setdefault("/".join(types), []).append(role)
-    for types, names in by_types.items():
-        console.print(f"    {types}: {', '.join(names)}")
+    """Print the type mix of one file: per type its tensors, MiB and which tensors they are."""
+    from rich.table import Table
+
+    mix, where = type_mix(path), roles(path)
+    total: dict[str, int] = {}
+    for by_role in where.values():
+        for role, n in by_role.items():
+            total[role] = total.get(role, 0) + n
+    table = Table(title=f"{path.name}: {path.stat().st_size / 2**30:.2f} GiB", title_justify="left")
+    for column in ("type", "tensors", "MiB", "which (n of all where split)"):
+        table.add_column(column, justify="right" if column in ("tensors", "MiB") else "left")
+    for qtype, v in mix.items():
+        which = ", ".join(
+            role if n == total[role] else f"{role} ({n}/{total[role]})"
+            for role, n in sorted(where[qtype].items())
+        )
+        table.add_row(qtype, str(v["tensors"]), f"{v['bytes'] / 2**20:.1f}", which)
+    console.print(table)
 
 
 # --- the whole job ----------------------------------------------------------------------------
@@ -639,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), default="v2l")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--types", default=DEFAULT_TYPES, help="comma-separated llama.cpp file types")
-    p.add_argument("--tokenizer", choices=("deepseek-llm", "deepseek-v3"), help="default: per shape")
+    p.add_argument(
+        "--tokenizer", choices=("deepseek-llm", "deepseek-v3"), help="default: per shape"
+    )
     p.add_argument("--models", type=Path, default=MODELS, help="output folder")
     p.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree (default: the sdist's)")
     p.add_argument("--threads", type=int, help="quantizer threads (default: all cores)")
