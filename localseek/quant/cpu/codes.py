@@ -12,7 +12,9 @@ Signed codes become unsigned by an offset folded into the min (Q6_K's q - 32 is 
 min 32 sc; IQ4's table values v are codes v + 128 with min 128 d), so every format multiplies
 the same way: u8 x s8 dot products of 4 pairs per 32-bit lane (vpdpbusd with VNNI) against int8
 activations (fast path), or float32 products (``exact``). The mins need only the activation sums
-per group, made once per call. The decoders are whole-vector integer ops and byte-table lookups
+per group, made once per call. Without VNNI the byte products are vpmaddubsw's, which saturate
+for codes above 128: there IQ4's codes stay its signed table values (|v| times x with v's sign,
+no min). The decoders are whole-vector integer ops and byte-table lookups
 (pshufb), never a shuffle per value.
 
     format  unit  bytes  groups  codes
@@ -59,10 +61,12 @@ from localseek.quant.formats import (
     FLOAT_CODES,
     FMT_F16,
     FMT_IQ4_NL,
+    FMT_IQ4_XS,
     FMT_MXFP4,
     FMT_Q2_K,
     FMT_Q3_K,
     FMT_Q4_1,
+    FMT_Q5_0,
     FMT_Q5_1,
     FMT_Q5_K,
     FMT_Q6_K,
@@ -76,11 +80,19 @@ UNITS = {
 }
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
-
-
-def group_size(fmt: int) -> int:
-    """Weights that share one scale and min in the decoded form: 16 or 32."""
-    return 16 if UNITS[fmt][0] == 256 else 32
+# the largest code each decoder gives (bounds what a byte product may meet)
+MAX_CODE = {
+    FMT_Q4_1: 15,
+    FMT_Q5_0: 31,
+    FMT_Q5_1: 31,
+    FMT_IQ4_NL: 241,
+    FMT_MXFP4: 24,
+    FMT_Q2_K: 3,
+    FMT_Q3_K: 7,
+    FMT_Q5_K: 31,
+    FMT_Q6_K: 63,
+    FMT_IQ4_XS: 241,
+}
 
 
 def _i32(v: int) -> ir.Constant:
@@ -115,17 +127,43 @@ def _bits(b: ir.IRBuilder, v: ir.Value, mask: int, shl: int) -> ir.Value:
     return b.shl(b.and_(v, splat(I8, n, mask)), splat(I8, n, shl))
 
 
+def _intrinsic2(b: ir.IRBuilder, name: str, u: ir.Value, v: ir.Value) -> ir.Value:
+    """A two-operand x86 intrinsic whose result has the operands' type."""
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(u.type, [u.type, v.type]), name)
+    return b.call(fn, [u, v])
+
+
+def _table(values: list[int], n: int) -> ir.Constant:
+    """A 16-entry byte table repeated over an <n x i8> vector (pshufb looks up per 16 bytes)."""
+    return ir.Constant(vec(I8, n), [v & 255 for v in values] * (n // 16))
+
+
+def _halves(b: ir.IRBuilder, op, *vs: ir.Value) -> ir.Value:
+    """op on each 32-byte part of the vectors vs (<32 or 64 x i8>), joined again."""
+    if vs[0].type.count == 32:
+        return op(*vs)
+    parts = [
+        op(*(b.shuffle_vector(v, v, ir.Constant(vec(I32, 32), [*range(o, o + 32)])) for v in vs))
+        for o in (0, 32)
+    ]
+    return b.shuffle_vector(parts[0], parts[1], ir.Constant(vec(I32, 64), [*range(64)]))
+
+
+def _sign(b: ir.IRBuilder, x: ir.Value, s: ir.Value) -> ir.Value:
+    """x with the sign of s bytewise (0 where s is 0): vpsignb."""
+    return _halves(b, lambda u, v: _intrinsic2(b, "llvm.x86.avx2.psign.b", u, v), x, s)
+
+
 def _lookup(b: ir.IRBuilder, idx: ir.Value, table: list[int]) -> ir.Value:
     """table[idx] bytewise for 4-bit indices (<32 or 64 x i8>): pshufb where the target has it
     (AVX2 for 32 bytes, AVX512BW for 64), else a chain of 16 selects."""
     n = idx.type.count
     feats = target_features()
-    name = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}[n]
-    if (n == 32 and "avx2" in feats) or (n == 64 and "avx512bw" in feats):
-        vt = vec(I8, n)
-        fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(vt, [vt, vt]), name)
-        tbl = ir.Constant(vt, [v & 255 for v in table] * (n // 16))
-        return b.call(fn, [tbl, idx])
+    if n == 64 and "avx512bw" in feats:
+        return _intrinsic2(b, "llvm.x86.avx512.pshuf.b.512", _table(table, 64), idx)
+    if "avx2" in feats:  # 32 bytes at a time
+        tbl = _table(table, 32)
+        return _halves(b, lambda part: _intrinsic2(b, "llvm.x86.avx2.pshuf.b", tbl, part), idx)
     out = splat(I8, n, 0)
     for k, v in enumerate(table):
         out = b.select(b.icmp_unsigned("==", idx, splat(I8, n, k)), splat(I8, n, v & 255), out)
@@ -138,8 +176,9 @@ def _qh_bits(b: ir.IRBuilder, qh: ir.Value, value: int) -> ir.Value:
     return b.select(mask, splat(I8, 32, value), splat(I8, 32, 0))
 
 
-def _block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
-    """One 32-weight block: (codes <32 x i8>, scale, min) as float scalars."""
+def _block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, signed: bool):
+    """One 32-weight block: (codes <32 x i8>, scale, min) as float scalars; ``signed``: IQ4_NL's
+    codes are its signed table values and the min is None."""
     b = g.b
     at = lambda o: b.add(base, g.i64(o))  # noqa: E731
     if fmt == FMT_MXFP4:
@@ -153,6 +192,8 @@ def _block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
     d = g.f16(rowp, base, lut)
     if fmt == FMT_IQ4_NL:
         nib = nibbles(b, g.load(rowp, at(2), vec(I8, 16), I8))
+        if signed:
+            return _lookup(b, nib, list(IQ4_VALUES)), d, None
         codes = _lookup(b, nib, [v + 128 for v in IQ4_VALUES])
         return codes, d, b.fmul(d, ir.Constant(F32, 128.0))
     with_min = fmt in (FMT_Q4_1, FMT_Q5_1)
@@ -166,8 +207,9 @@ def _block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
     return codes, d, b.fmul(d, ir.Constant(F32, 16.0))
 
 
-def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value):
-    """One 256-weight super-block: (four <64 x i8> code vectors, <16 x float> scales, mins)."""
+def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, signed: bool):
+    """One 256-weight super-block: (four <64 x i8> code vectors, <16 x float> scales, mins);
+    ``signed``: IQ4_XS's codes are its signed table values and the mins None."""
     b = g.b
     at = lambda o: b.add(base, g.i64(o))  # noqa: E731
     v16 = vec(F32, 16)
@@ -249,8 +291,8 @@ def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Valu
     s = b.sub(b.or_(ls, b.shl(hs, splat(I32, 8, 4))), splat(I32, 8, 32))
     sc8 = b.fmul(g.bcast(d, 8), b.sitofp(s, vec(F32, 8)))
     sc = _spread(b, sc8, 2)
-    mn = b.fmul(sc, ir.Constant(v16, [128.0] * 16))
-    table = [v + 128 for v in IQ4_VALUES]
+    mn = None if signed else b.fmul(sc, ir.Constant(v16, [128.0] * 16))
+    table = list(IQ4_VALUES) if signed else [v + 128 for v in IQ4_VALUES]
     order = ir.Constant(vec(I32, 64), [*range(16), *range(16), *range(16, 32), *range(16, 32)])
     for c in range(4):  # blocks 2c and 2c + 1: 16 bytes each, low nibbles then high ones
         w = load8(8 + 32 * c, 32)
@@ -258,6 +300,12 @@ def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Valu
         nib = b.and_(_shr16(b, both, ([0] * 8 + [4] * 8) * 2), splat(I8, 64, 15))
         chunks.append(_lookup(b, nib, table))
     return chunks, sc, mn
+
+
+def _abs(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """|v| bytewise (vpabsb)."""
+    zero = splat(I8, v.type.count, 0)
+    return b.select(b.icmp_signed("<", v, zero), b.sub(zero, v), v)
 
 
 def _vec1(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -273,7 +321,7 @@ def _pair(b: ir.IRBuilder, first, second):
         return b.shuffle_vector(_vec1(b, u), _vec1(b, v), ir.Constant(vec(I32, 2), [0, 1]))
 
     codes = b.shuffle_vector(c0, c1, ir.Constant(vec(I32, 64), list(range(64))))
-    return [codes], two(s0, s1), two(m0, m1)
+    return [codes], two(s0, s1), None if m0 is None else two(m0, m1)
 
 
 def make_rowdot_codes(fmt: int, nt: int, exact: bool):
@@ -288,8 +336,8 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
         x: int8 (T, in) quantized activations (``exact=False``) or float32 (T, in), both in
             their natural order.
         dx: float32 (T, in // 32) the int8 activations' scales (unused when exact).
-        xs: float32 (T, in // G), G = ``group_size(fmt)``: per group, sum(xq) * dx, or the
-            float activations' sum when exact.
+        xs: float32 (T, in // G), G = 16 for super-block formats and 32 for blocks: per
+            group, sum(xq) * dx, or the float activations' sum when exact.
         lut: float32 (65536,) f16 -> float32.
         out: float32 (tokens, nr) results.
     """
@@ -297,6 +345,11 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
     sb = wpu == 256
     vnni = target_vnni()
     fm = ("contract",)
+    # IQ4 codes reach 241: where only vpmaddubsw multiplies bytes (AVX2 without VNNI), which
+    # saturates above 128, they stay signed (|v| times x with v's sign) and need no mins
+    signed = fmt in (FMT_IQ4_NL, FMT_IQ4_XS) and not exact and not vnni
+    signed = signed and "avx2" in target_features()
+    max_w = 127 if signed else MAX_CODE[fmt]
 
     @intrinsic
     def rowdot(typingctx, w, r0, nr, x, t0, dx, xs, lut, out, o0):
@@ -338,10 +391,12 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                 """Accumulate one unit: code vectors, <G x float> scales and mins of groups
                 of ``gw`` weights; x0, dx_at, xs_at: its offsets in x, dx and xs."""
                 n_g = sc.type.count
+                mags = [_abs(b, cv) for cv in codes] if signed else codes
                 for t in range(nt):
-                    xsv = g.load(xsp, b.add(srow[t], xs_at), vec(F32, n_g), F32)
-                    m = mins[n_g][t]
-                    b.store(b.fadd(b.load(m), b.fmul(mn, xsv)), m)
+                    if mn is not None:
+                        xsv = g.load(xsp, b.add(srow[t], xs_at), vec(F32, n_g), F32)
+                        m = mins[n_g][t]
+                        b.store(b.fadd(b.load(m), b.fmul(mn, xsv)), m)
                     if exact:
                         s_t = sc
                     else:
@@ -356,7 +411,10 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                             p = b.fmul(b.uitofp(cv, vec(F32, n_code)), xv, flags=fm)
                             per = gw  # one lane a weight
                         else:
-                            p = b.sitofp(dpbusd(b, cv, xv, vnni), vec(F32, n_code // 4))
+                            if signed:
+                                xv = _sign(b, xv, cv)
+                            p = dpbusd(b, mags[c], xv, vnni, max_w)
+                            p = b.sitofp(p, vec(F32, n_code // 4))
                             per = gw // 4  # one lane per 4 weights
                         lanes = p.type.count
                         pick = [64 * c // gw + lane // per for lane in range(lanes)]
@@ -365,7 +423,7 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                         b.store(b.fadd(b.load(a), b.fmul(sj, p, flags=fm), flags=fm), a)
 
             def block(u):
-                return _block32(g, fmt, rowp, b.mul(u, g.i64(bpu)), lutp)
+                return _block32(g, fmt, rowp, b.mul(u, g.i64(bpu)), lutp, signed)
 
             with cgutils.for_range(b, nrv) as rows:
                 rowp = g.row(wa, b.add(r0v, rows.index))
@@ -379,7 +437,7 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                         base = b.mul(u, g.i64(bpu))
                         for o in range(0, bpu, 64):
                             g.prefetch(rowp, b.add(base, g.i64(PF + o)))
-                        codes, sc, mn = _superblock(g, fmt, rowp, base, lutp)
+                        codes, sc, mn = _superblock(g, fmt, rowp, base, lutp, signed)
                         x0 = b.mul(u, g.i64(256))
                         unit(codes, sc, mn, 16, x0, b.mul(u, g.i64(8)), b.mul(u, g.i64(16)))
                 else:
@@ -392,7 +450,8 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                     with b.if_then(odd, likely=False):
                         u = b.sub(n_units, g.i64(1))
                         code, sc, mn = block(u)
-                        unit([code], _vec1(b, sc), _vec1(b, mn), 32, b.mul(u, g.i64(32)), u, u)
+                        mn = None if mn is None else _vec1(b, mn)
+                        unit([code], _vec1(b, sc), mn, 32, b.mul(u, g.i64(32)), u, u)
                 for t in range(nt):
                     tot = ir.Constant(F32, 0.0)
                     for table, add in ((prods, b.fadd), (mins, b.fsub)):

@@ -308,7 +308,8 @@ def _q_sums16(xq: np.ndarray, dx: np.ndarray) -> np.ndarray:
 
 @njit(cache=True)
 def _code_group(fmt: int) -> int:
-    """codes.group_size: 16 for the super-block formats, 32 for the block ones."""
+    """Weights per scale group in cpu.codes' decoded form: 16 for the super-block formats, 32
+    for the block ones."""
     return 16 if fmt in (FMT_Q2_K, FMT_Q3_K, FMT_Q5_K, FMT_Q6_K, FMT_IQ4_XS) else 32
 
 

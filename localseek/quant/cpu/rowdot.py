@@ -355,10 +355,32 @@ def target_vnni() -> int:
     return 32 if "avxvnni" in on else 0
 
 
-def dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int) -> ir.Value:
-    """<n x i8> w (unsigned), x (signed) -> <n/4 x i32>: lane i = sum_k w[4i+k] * x[4i+k],
-    for n = 32 or 64."""
+def dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int, max_w: int = 255) -> ir.Value:
+    """<n x i8> w (unsigned), x (signed, -127..127) -> <n/4 x i32>: lane i = sum_k w[4i+k] *
+    x[4i+k], for n = 32 or 64.
+
+    Without VNNI, an AVX2 target with codes of at most ``max_w`` = 128 takes vpmaddubsw (pairs
+    to int16: |2 * 128 * 127| fits, so nothing saturates) and vpmaddwd by ones (pairs of pairs
+    to int32): two instructions per 32 bytes, the same sums."""
     n = w.type.count
+    if not vnni and max_w <= 128 and "avx2" in target_features():
+        vb, vw, vd = vec(I8, 32), vec(I16, 16), vec(I32, 8)
+        mub = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(vw, [vb, vb]), "llvm.x86.avx2.pmadd.ub.sw"
+        )
+        mwd = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(vd, [vw, vw]), "llvm.x86.avx2.pmadd.wd"
+        )
+        ones = ir.Constant(vw, [1] * 16)
+        parts = []
+        for o in range(0, n, 32):
+            idx = ir.Constant(vec(I32, 32), list(range(o, o + 32)))
+            wp = w if n == 32 else b.shuffle_vector(w, w, idx)
+            xp = x if n == 32 else b.shuffle_vector(x, x, idx)
+            parts.append(b.call(mwd, [b.call(mub, [wp, xp]), ones]))
+        if len(parts) == 1:
+            return parts[0]
+        return b.shuffle_vector(parts[0], parts[1], ir.Constant(vec(I32, 16), list(range(16))))
     if vnni:
         step = min(n, vnni)
         vd = vec(I32, step // 4)
@@ -472,7 +494,7 @@ def make_rowdot_i8(fmt: int, nt: int):
                             pick = ir.Constant(vec(I32, 16), [2 * grp] * 8 + [2 * grp + 1] * 8)
                             for t in range(nt):
                                 xo = b.add(xrow[t], b.add(x0, g.i64(64 * grp)))
-                                p = dpbusd(b, w64, g.load(xqp, xo, vec(I8, 64), I8), vnni)
+                                p = dpbusd(b, w64, g.load(xqp, xo, vec(I8, 64), I8), vnni, 15)
                                 sj = b.shuffle_vector(s_t[t], s_t[t], pick)
                                 fma_into(accs[t][grp % 2], sj, p)
                 else:
@@ -525,7 +547,7 @@ def make_rowdot_i8(fmt: int, nt: int):
                             fma_into(
                                 accs[t][0],
                                 b.shuffle_vector(sd, sd, halves),
-                                dpbusd(b, w64, xv, vnni),
+                                dpbusd(b, w64, xv, vnni, 128),
                             )
                     odd = b.icmp_signed("!=", b.and_(n_units, g.i64(1)), g.i64(0))
                     with b.if_then(odd, likely=False):
@@ -536,7 +558,7 @@ def make_rowdot_i8(fmt: int, nt: int):
                             xv = g.load(xqp, b.add(xrow[t], b.mul(u, g.i64(wpu))), _VB, I8)
                             if neg is not None:
                                 xv = b.select(neg, b.neg(xv), xv)
-                            fma_into(mins[t], g.bcast(sd, 8), dpbusd(b, wv, xv, vnni))
+                            fma_into(mins[t], g.bcast(sd, 8), dpbusd(b, wv, xv, vnni, 128))
                 for t in range(nt):
                     tot = b.fadd(
                         g.hsum(b.load(accs[t][0]), n_lanes), g.hsum(b.load(accs[t][1]), n_lanes)
