@@ -208,20 +208,39 @@ def run_tests(
     return results
 
 
+# The CPU features that pick a kernel path (a figure from a VNNI machine says little about AVX2).
+KERNEL_FEATURES = {
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+}
+
+
 def machine_info() -> dict[str, Any]:
-    """Platform, CPU model, cores, RAM and (when torch sees one) the GPU."""
+    """Platform, CPU model and kernel-relevant features, cores, RAM and (when torch sees one)
+    the GPU."""
     cpu = platform.processor() or platform.machine()
+    features: list[str] = []
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    features = sorted(set(value.split()) & KERNEL_FEATURES)
                     break
     except OSError:
         pass
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": cpu,
+        "cpu_features": features,
         "cores": psutil.cpu_count(logical=False) or os.cpu_count(),
         "logical_cores": psutil.cpu_count(logical=True),
         "ram_bytes": psutil.virtual_memory().total,

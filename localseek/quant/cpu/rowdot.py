@@ -11,7 +11,9 @@ below the memory bandwidth. Two paths:
   instead of ``rows * in`` shuffles. Powers of two that the masks leave in the values are folded
   into the permuted activations, so every product is the exact float32 product.
 - int8 activations (``make_rowdot_i8``, the default fast path): u8 x s8 dot products of 4 pairs
-  per 32-bit lane, vpdpbusd on CPUs with VNNI, 64 weights per instruction.
+  per 32-bit lane: vpdpbusd on CPUs with VNNI (64 weights per instruction), vpmaddubsw +
+  vpmaddwd on AVX2 without it (Zen 2/3, most desktop Intel; 32 weights per pair, weights below
+  129 so the 16-bit pair sums cannot saturate).
 
 One intrinsic computes ``nt`` tokens' dot products with ``nr`` consecutive weight rows, decoding
 each block once for all ``nt`` tokens; rows are looped over inside it, so a row costs neither a
@@ -345,7 +347,7 @@ def target_features() -> set[str]:
 
 def target_vnni() -> int:
     """Widest vpdpbusd, in bytes, of the CPU numba compiles for: 64 (AVX512-VNNI with BW and
-    VL), 32 (AVX-VNNI), 0 (none: plain vector IR, the same sums).
+    VL), 32 (AVX-VNNI), 0 (none: ``dpbusd`` uses AVX2's vpmaddubsw, else plain vector IR).
 
     Follows numba's own target choice: NUMBA_CPU_FEATURES (with NUMBA_CPU_NAME) or
     NUMBA_ENABLE_AVX=0 select the plain path too, and numba's cache keys on them."""
