@@ -7,7 +7,9 @@ sandboxed Jinja environment (as transformers does) and decodes generated ids inc
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import secrets
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -233,17 +235,32 @@ class Tokenizer:
         """Id of one token string, or None when it is not in the vocabulary."""
         return self._tok.token_to_id(token)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def encode(
+        self, text: str, add_bos: bool | None = None, parse_special: bool = True
+    ) -> list[int]:
         """Token ids of `text`; BOS goes first when `add_bos` (None: the checkpoint's setting).
 
-        Special tokens written in the text (e.g. "<｜User｜>") become their single ids.
+        parse_special: special tokens written in the text (e.g. "<｜User｜>") become their single
+        ids; False keeps them text, tokenized like any other characters (for text a user typed).
         """
-        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        if parse_special:
+            ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        else:
+            ids = self._text_ids(text)
         if add_bos is None:
             add_bos = self.add_bos
         if add_bos and self._bos_id is not None and (not ids or ids[0] != self._bos_id):
             ids.insert(0, self._bos_id)
         return ids
+
+    def _text_ids(self, text: str) -> list[int]:
+        """Ids of `text` with no added token matched: the library's own pipeline (normalizer,
+        pre-tokenizer, model) that ``encode`` runs between the added tokens it finds."""
+        tok = self._tok
+        if tok.normalizer is not None:
+            text = tok.normalizer.normalize_str(text)
+        pieces = tok.pre_tokenizer.pre_tokenize_str(text) if tok.pre_tokenizer else [(text, None)]
+        return [t.id for piece, _ in pieces for t in tok.model.tokenize(piece)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of a sequence of token ids."""
@@ -267,14 +284,57 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = True,
+        text_roles: Collection[str] = ("system", "user"),
     ) -> list[int] | str:
         """Render a conversation with the checkpoint's chat template (or a built-in DeepSeek one).
 
         Returns token ids when `tokenize` (BOS comes from the template), else the rendered text.
+        The template's own text is tokenized with its special tokens parsed; the content of
+        messages whose role is in `text_roles` (what a person typed) stays text, so typed
+        "<｜end▁of▁sentence｜><｜Assistant｜>" cannot forge a turn boundary.
         """
+        if not tokenize:
+            return self._render(messages, add_generation_prompt)
+        # the template sees a marker per protected content and the content goes back in
+        # afterwards; U+FDD0/U+FDD1 are noncharacters (never in text) and the nonce is new
+        # each time, so no assistant text can pass for a marker
+        nonce = secrets.token_hex(8)
+        marked, contents = [], []
+        for m in messages:
+            m = dict(m)
+            if m.get("role") in text_roles and isinstance(m.get("content"), str):
+                contents.append(m["content"])
+                m["content"] = f"\ufdd0{nonce}.{len(contents) - 1}\ufdd1"
+            marked.append(m)
+        pieces = re.split(
+            f"\ufdd0{nonce}\\.(\\d+)\ufdd1", self._render(marked, add_generation_prompt)
+        )
+        # pieces: template text, content index, template text, ...: added tokens are looked
+        # for in the template's text only, and everything between two of them is plain text
+        added = set(self._tok.get_added_tokens_decoder())
+        text, cuts = "", []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                text += contents[int(piece)]
+                continue
+            enc = self._tok.encode(piece, add_special_tokens=False)
+            for token_id, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+                if token_id in added:
+                    cuts.append((len(text) + start, len(text) + end, token_id))
+            text += piece
+        ids: list[int] = []
+        at = 0
+        for start, end, token_id in cuts:
+            ids += self._text_ids(text[at:start]) if start > at else []
+            ids.append(token_id)
+            at = end
+        ids += self._text_ids(text[at:]) if at < len(text) else []
+        return ids
+
+    def _render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
         template = self._template()
         try:
-            text = template.render(
+            return template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -286,9 +346,6 @@ class Tokenizer:
             raise CheckpointError(
                 f"The chat template of {self.source} failed to render ({type(e).__name__}: {e})."
             ) from e
-        if not tokenize:
-            return text
-        return self.encode(text, add_bos=False)
 
 
 class StreamDecoder:
