@@ -28,6 +28,7 @@ from localseek.options import DEFAULT_CTX, RuntimeOptions, set_threads
 from localseek.quant import QTensor, Weight
 from localseek.quant.linear import from_blocks
 from localseek.sampling import Sampler, SamplingParams
+from localseek.session import Session
 from localseek.tokenizer import Tokenizer
 
 _EXPERT = "ffn.experts."
@@ -132,6 +133,8 @@ def _kept_nbytes(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: tor
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    # prompt tokens whose keys came from a session's cache: not computed again
+    reused_tokens: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -144,8 +147,13 @@ class GenerationStats:
         return self.offload.expert_cache_hit_rate
 
     @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens the prefill computed (the rest came from the cache)."""
+        return self.prompt_tokens - self.reused_tokens
+
+    @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -344,13 +352,18 @@ class Model:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        session: Session | None = None,
     ) -> Generation:
-        """Token ids as they are produced (an iterator; its ``stats`` time prefill and decode)."""
+        """Token ids as they are produced (an iterator; its ``stats`` time prefill and decode).
+
+        session: keep the KV cache there and reuse what it holds for the prompt's longest
+            common prefix (see ``localseek.session``); None: a cache for this generation only.
+        """
         ids = self._check_ids(token_ids)
         if max_new_tokens < 0:
             raise LocalseekError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
-        return Generation(self, ids, max_new_tokens, sampler)
+        return Generation(self, ids, max_new_tokens, sampler, session)
 
     @property
     def eos_ids(self) -> set[int]:
@@ -389,17 +402,25 @@ def _all_weights(
 
 class Generation(Iterator[int]):
     """Prefill on the first ``next()``, then one decode step per token; stops at EOS (not
-    yielded), at ``max_new_tokens`` or when the context is full."""
+    yielded), at ``max_new_tokens`` or when the context is full. The cache is the session's
+    when one is given (it keeps the prompt and the tokens fed back), else its own."""
 
-    def __init__(self, model: Model, prompt: list[int], max_new_tokens: int, sampler: Sampler):
+    def __init__(
+        self,
+        model: Model,
+        prompt: list[int],
+        max_new_tokens: int,
+        sampler: Sampler,
+        session: Session | None = None,
+    ):
         self.model = model
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.sampler = sampler
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.tokens: list[int] = []
-        self._cache: KVCache | None = None
-        self._pos = 0
+        self._session = session
+        self._started = False
         self._done = max_new_tokens == 0
         self.stop_reason = "length" if self._done else ""
         self._offload0 = None if model.offload_stats is None else model.offload_stats.snapshot()
@@ -412,15 +433,14 @@ class Generation(Iterator[int]):
             raise StopIteration
         m = self.model
         t0 = time.perf_counter()
-        if self._cache is None:
-            self._cache = m.new_cache()
-            logits = m.forward(torch.tensor([self.prompt]), 0, self._cache, last_only=True)
-            self._pos = len(self.prompt)
+        if self._session is None:
+            self._session = Session(m)
+        if not self._started:
+            logits, self.stats.reused_tokens = self._session.prefill(self.prompt)
+            self._started = True
         else:
-            last = torch.tensor([[self.tokens[-1]]])
-            logits = m.forward(last, self._pos, self._cache)
-            self._pos += 1
-        token = self.sampler(logits[0, -1])
+            logits = self._session.decode(self.tokens[-1])
+        token = self.sampler(logits)
         elapsed = time.perf_counter() - t0
         if self._offload0 is not None:
             self.stats.offload = m.offload_stats - self._offload0
@@ -435,14 +455,14 @@ class Generation(Iterator[int]):
         self.stats.generated_tokens += 1
         if len(self.tokens) >= self.max_new_tokens:
             self._finish("length")
-        elif self._pos >= m.ctx:
+        elif len(self._session.tokens) >= m.ctx:
             self._finish("context")
         return token
 
     def _finish(self, reason: str) -> None:
         self._done = True
         self.stop_reason = reason
-        self._cache = None
+        self._session = None  # a session of its own is freed; a caller's keeps the cache
 
 
 class _progress:
