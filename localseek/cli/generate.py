@@ -42,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
         ids = tok.encode(args.prompt)
     gen = generate_from_args(model, ids, args)
     stream = StreamDecoder(tok)
-    out.print(args.prompt, end="", style="bold", markup=False)
+    if not args.chat:  # a continuation follows its prompt; a chat answer stands alone
+        out.print(args.prompt, end="", style="bold", markup=False)
     for token in gen:
         out.print(stream.push(token), end="", markup=False)
     out.print(stream.flush(), markup=False)
