@@ -2,27 +2,28 @@
 
 Rendering lives in ui.ChatUI; this module is the loop: read a turn, run a command or answer it.
 Ctrl-C during an answer stops that answer; what it wrote so far stays in the conversation (the
-user saw it, so the next turn builds on it), and the session goes on.
+user saw it, so the next turn builds on it), and the session goes on. The KV cache stays between
+turns (a ``localseek.session.Session``): each turn computes only what is new. When the
+conversation outgrows the context, its oldest turns are dropped (the system prompt stays).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import psutil
 import torch
 
-from localseek.cli.common import (
-    add_model_args,
-    add_sampling_args,
-    generate_from_args,
-    load_from_args,
-)
+from localseek.cli.common import add_model_args, add_sampling_args, load_from_args
 from localseek.cli.ui import ChatUI, SpeedLine, gib
 from localseek.engine import GenerationStats, Model
 from localseek.errors import LocalseekError
 from localseek.offload.stats import OffloadStats
+from localseek.session import Session, fit_chat
 from localseek.tokenizer import StreamDecoder
 
 HELP = "chat with a model in the terminal"
@@ -68,6 +69,8 @@ class SessionStats:
         return [
             ("answers", "", str(self.answers)),
             ("prompt tokens", str(last.prompt_tokens), str(total.prompt_tokens)),
+            ("reused from the cache", str(last.reused_tokens), str(total.reused_tokens)),
+            ("prefilled tokens", str(last.prefilled_tokens), str(total.prefilled_tokens)),
             ("generated tokens", str(last.generated_tokens), str(total.generated_tokens)),
             ("prefill seconds", f"{last.prefill_seconds:.2f}", f"{total.prefill_seconds:.2f}"),
             ("decode seconds", f"{last.decode_seconds:.2f}", f"{total.decode_seconds:.2f}"),
@@ -135,8 +138,13 @@ class Chat:
         self.tokenizer = model.tokenizer
         self.args = args
         self.ui = ui
+        if args.system is not None and (problem := undecodable(args.system, "--system")):
+            raise LocalseekError(problem)
         self.conversation = Conversation(system=args.system)
         self.stats = SessionStats()
+        self.session = Session(model)  # the KV cache, kept from turn to turn
+        self.turns = 0
+        self.failed = 0
 
     def run(self) -> int:
         """Read turns until /exit or the end of input; returns the exit code."""
@@ -150,12 +158,23 @@ class Chat:
         while (line := self.ui.read_turn()) is not None:
             if not line:
                 continue
-            if line.startswith("/"):
+            self.turns += 1
+            if (problem := undecodable(line)) is not None:
+                self.fail(problem)
+            elif line.startswith("/"):
                 if not self.command(line):
                     break
-                continue
-            self.answer(line)
+            elif not self.answer(line):
+                self.failed += 1
+        if self.failed and not self.ui.interactive:  # a script learns that something went wrong
+            s = "" if self.turns == 1 else "s"
+            self.ui.error(f"{self.failed} of {self.turns} line{s} of input failed.")
+            return 1
         return 0
+
+    def fail(self, message: str) -> None:
+        self.failed += 1
+        self.ui.error(message)
 
     def command(self, line: str) -> bool:
         """Run one slash command; False means leave."""
@@ -177,35 +196,72 @@ class Chat:
             said = "set" if rest.strip() else "cleared"
             self.ui.note(f"system prompt {said}; conversation cleared")
         else:
-            self.ui.error(f"unknown command {name}: /help lists them")
+            self.fail(f"unknown command {name}: /help lists them")
         return True
 
-    def answer(self, user: str) -> None:
-        """Answer one user turn, streaming; Ctrl-C stops the answer, not the session."""
+    def prompt_limit(self) -> int:
+        """The most tokens a prompt may take: the context less room for an answer (up to a
+        quarter of the context; older turns are dropped to keep it)."""
+        ctx = self.model.ctx
+        return ctx - max(1, min(self.args.max_new_tokens, ctx // 4))
+
+    def answer(self, user: str) -> bool:
+        """Answer one user turn, streaming; Ctrl-C stops the answer, not the session. False
+        when the turn failed (said in one sentence)."""
         tok, args = self.tokenizer, self.args
         try:
+            ids, dropped = fit_chat(tok, self.conversation.messages(user), self.prompt_limit())
+        except LocalseekError as e:
+            hint = ", or shorten the system prompt with /system" if self.conversation.system else ""
+            self.ui.error(f"{str(e).rstrip('.')}: raise --ctx{hint}.")
+            return False
+        if dropped:
+            gone, self.conversation.turns = (
+                self.conversation.turns[:dropped],
+                self.conversation.turns[dropped:],
+            )
+            n = sum(m["role"] == "user" for m in gone)
+            self.ui.note(
+                f"(the context is full: dropped the oldest {n} turn{'s' if n > 1 else ''}; "
+                "the system prompt stays)"
+            )
+        try:
             prompt = tok.apply_chat_template(self.conversation.messages(user), tokenize=False)
-            ids = tok.encode(prompt, add_bos=False)
-            gen = generate_from_args(self.model, ids, args)
+            gen = self.session.generate(
+                ids,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+            )
         except LocalseekError as e:
             self.ui.error(f"{e} (/reset starts over)")
-            return
+            return False
         # R1-style templates open the reasoning block in the prompt itself
         self.ui.begin_answer(thinking=prompt.rstrip().endswith("<think>"))
         stream = StreamDecoder(tok)
-        try:
-            for token in gen:
-                self.ui.stream(stream.push(token))
-            self.ui.stream(stream.flush())
-            stop_reason = gen.stop_reason
-        except KeyboardInterrupt:
-            stop_reason = "interrupted"
+        failure = None
+        with typed_text_hidden(self.ui.interactive):
+            try:
+                for token in gen:
+                    self.ui.stream(stream.push(token))
+                self.ui.stream(stream.flush())
+                stop_reason = gen.stop_reason
+            except KeyboardInterrupt:
+                stop_reason = "interrupted"
+            except LocalseekError as e:  # e.g. the disk tier could not read an expert
+                stop_reason, failure = "error", e
         self.ui.end_answer(stop_reason)
+        if failure is not None:
+            self.ui.error(f"{failure} (the answer stopped there)")
         reply = tok.decode(stream.ids, skip_special_tokens=True)
         if reply or stop_reason != "interrupted":
             self.conversation.turns.append({"role": "user", "content": user})
             self.conversation.turns.append({"role": "assistant", "content": reply})
         self.stats.add(gen.stats)
+        if failure is not None:
+            return False
         ram, gpu = memory_in_use(self.model)
         self.ui.speed(
             SpeedLine(
@@ -218,9 +274,53 @@ class Chat:
                 stopped_at_limit=stop_reason == "length",
             )
         )
+        return True
+
+
+def undecodable(text: str, what: str = "that line") -> str | None:
+    """The sentence to say when text read from stdin or the command line was not UTF-8 (its
+    bytes arrive as lone surrogates, see ``main``); None when it was."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if "\udc80" <= bad <= "\udcff" else repr(bad)
+        return (
+            f"{what} is not UTF-8 ({byte} at character {e.start + 1}), so nothing was "
+            "sent to the model: convert it to UTF-8 (e.g. with iconv)."
+        )
+    return None
+
+
+@contextmanager
+def typed_text_hidden(enabled: bool) -> Iterator[None]:
+    """While an answer streams to the terminal, keys typed are not echoed into it: they wait
+    in the terminal's input queue and show at the next prompt. Ctrl-C still interrupts."""
+    if not enabled:
+        yield
+        return
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        old = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # no termios (Windows), or not a terminal
+        yield
+        return
+    quiet = list(old)
+    quiet[3] &= ~termios.ECHO  # lflag; ICANON and ISIG stay: a line waits, Ctrl-C still works
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
 
 
 def main(args: argparse.Namespace) -> int:
+    # bytes that are not UTF-8 arrive as lone surrogates instead of a UnicodeDecodeError out of
+    # readline (or a TypeError out of the tokenizer): the loop names them in one sentence
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     with ChatUI() as ui:
         model = load_from_args(args, ui.err)
         return Chat(model, args, ui).run()
