@@ -320,3 +320,12 @@ def test_generate_chat_prints_only_the_answer(tiny):
     assert chat.returncode == 0 and plain.returncode == 0, chat.stderr
     assert "PROMPT-TEXT" not in chat.stdout and chat.stdout.strip()
     assert plain.stdout.startswith("PROMPT-TEXT")  # a continuation still follows its prompt
+
+
+def test_typed_text_hidden_is_a_no_op_without_a_terminal():
+    from localseek.cli.chat import typed_text_hidden
+
+    ran = []
+    with typed_text_hidden(True):  # pytest's stdin is no terminal: nothing to switch off
+        ran.append(1)
+    assert ran == [1]

@@ -301,10 +301,13 @@ def typed_text_hidden(enabled: bool) -> Iterator[None]:
         return
     try:
         import termios
-
+    except ImportError:  # not on Windows
+        yield
+        return
+    try:
         fd = sys.stdin.fileno()
         old = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError):  # no termios (Windows), or not a terminal
+    except (termios.error, OSError, ValueError):  # stdin is no terminal
         yield
         return
     quiet = list(old)
