@@ -14,17 +14,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-
-import psutil
-import torch
+from typing import TYPE_CHECKING
 
 from localseek.cli.common import add_model_args, add_sampling_args, load_from_args
 from localseek.cli.ui import ChatUI, SpeedLine, gib
-from localseek.engine import GenerationStats, Model
 from localseek.errors import LocalseekError
-from localseek.offload.stats import OffloadStats
-from localseek.session import Session, fit_chat
-from localseek.tokenizer import StreamDecoder
+
+if TYPE_CHECKING:  # these import torch: `localseek chat --help` does without them
+    from localseek.engine import GenerationStats, Model
+    from localseek.offload.stats import OffloadStats
 
 HELP = "chat with a model in the terminal"
 
@@ -56,16 +54,20 @@ class SessionStats:
 
     answers: int = 0
     last: GenerationStats | None = None
-    total: GenerationStats = field(default_factory=GenerationStats)
+    total: GenerationStats | None = None
 
     def add(self, stats: GenerationStats) -> None:
         self.answers += 1
         self.last = stats
-        for f in fields(GenerationStats):
+        if self.total is None:
+            self.total = type(stats)()
+        for f in fields(stats):
             setattr(self.total, f.name, getattr(self.total, f.name) + getattr(stats, f.name))
 
     def rows(self) -> list[tuple[str, str, str]]:
-        last, total = self.last or GenerationStats(), self.total
+        from localseek.engine import GenerationStats
+
+        last, total = self.last or GenerationStats(), self.total or GenerationStats()
         return [
             ("answers", "", str(self.answers)),
             ("prompt tokens", str(last.prompt_tokens), str(total.prompt_tokens)),
@@ -121,6 +123,9 @@ def _session_decode_rate(total: GenerationStats, answers: int) -> float:
 
 def memory_in_use(model: Model) -> tuple[int, int | None]:
     """Bytes of this process's resident memory, and of torch's CUDA allocations when on CUDA."""
+    import psutil
+    import torch
+
     ram = psutil.Process().memory_info().rss
     gpu = None
     if model.options.device.type == "cuda":
@@ -142,6 +147,8 @@ class Chat:
             raise LocalseekError(problem)
         self.conversation = Conversation(system=args.system)
         self.stats = SessionStats()
+        from localseek.session import Session
+
         self.session = Session(model)  # the KV cache, kept from turn to turn
         self.turns = 0
         self.failed = 0
@@ -208,6 +215,9 @@ class Chat:
     def answer(self, user: str) -> bool:
         """Answer one user turn, streaming; Ctrl-C stops the answer, not the session. False
         when the turn failed (said in one sentence)."""
+        from localseek.session import fit_chat
+        from localseek.tokenizer import StreamDecoder
+
         tok, args = self.tokenizer, self.args
         try:
             ids, dropped = fit_chat(tok, self.conversation.messages(user), self.prompt_limit())
