@@ -21,7 +21,7 @@ from localseek.convert.gguf_writer import write_gguf
 from localseek.model.moe import ReferenceExperts, route
 from localseek.offload import CPUExperts
 from localseek.quant import QTensor, linear
-from localseek.quant.cpu.kernels import qmatmul
+from localseek.quant.cpu.kernels import ACT_SPAN_Q4_K, qmatmul
 from localseek.quant.formats import FORMATS, random_blocks
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
 from localseek.quant.linear import grouped_linear, swiglu_linear
@@ -82,9 +82,11 @@ def test_random_blocks_are_valid_and_decode_like_gguf(qtype) -> None:
     assert len(np.unique(raw)) == 256
 
 
-def _int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the fast path rounds it: int8 per 32, scale max|x| / 127 (float32 ops)."""
-    xb = x.reshape(x.shape[0], -1, 32)  # (T, in // 32, 32)
+def _int8_activations(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    """x rounded as the fast path rounds it for qtype: int8 per 32 (Q4_K: per 256), scale
+    max|x| / 127 (float32 ops)."""
+    span = ACT_SPAN_Q4_K if qtype == "ggml_q4_k" else 32
+    xb = x.reshape(x.shape[0], -1, span)  # (T, in // span, span)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.full_like(amax, 127) / amax  # a true division, as the kernel's (127 / amax is
     q = torch.round(xb * inv)  # 127 * (1 / amax) in torch: one ulp off, a .5 rounds apart)
@@ -107,7 +109,7 @@ def test_qmatmul_equals_dequantize_matmul(qtype, shape) -> None:
         # fast path: exact for the int8-rounded activations, and within their rounding error
         # of float32 activations (measured 0.4-0.8% of max |y|, 0.5% relative RMS)
         fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False)
-        assert _rel(fast, _int8_activations(x).double() @ dense.T) < 1e-5
+        assert _rel(fast, _int8_activations(x, qtype).double() @ dense.T) < 1e-5
         assert _rel(fast, x.double() @ dense.T) < 2e-2
 
 
@@ -129,7 +131,7 @@ def test_grouped_qmatmul_is_one_product_per_group(qtype, n_in) -> None:
         if qtype in FLOAT_ONLY:  # FP8, F16, BF16 have only the float path
             continue
         fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False, groups=G)
-        xr = _int8_activations(x).double()
+        xr = _int8_activations(x, qtype).double()
         want_fast = torch.cat([xr[g * N : (g + 1) * N] @ dense[g].T for g in range(G)])
         assert _rel(fast, want_fast) < 1e-5
     # grouped_linear: the same through the public entry, batch dims kept
@@ -163,7 +165,7 @@ def test_swiglu_equals_silu_of_gate_times_up(qtype, shape) -> None:
         want = torch.nn.functional.silu(x.double() @ d1.T) * (x.double() @ d3.T)
         assert _rel(got, want) < 1e-5
         if qtype not in FLOAT_ONLY:
-            xr = _int8_activations(x.reshape(-1, shape[1])).double().view(x.shape)
+            xr = _int8_activations(x.reshape(-1, shape[1]), qtype).double().view(x.shape)
             want = torch.nn.functional.silu(xr @ d1.T) * (xr @ d3.T)
             assert _rel(swiglu_linear(x, w1, w3, exact=False), want) < 1e-5
 
@@ -248,9 +250,9 @@ def test_gguf_model_with_cpu_experts(ftype, label, tmp_path, monkeypatch) -> Non
 
 
 def test_int8_path_without_vnni(tmp_path) -> None:
-    """On a CPU without VNNI the int8 path is plain vector IR with the same sums: numba told to
-    compile for Haswell (AVX2, no VNNI) gives the int8-rounded products there too (and the
-    table formats' 64-byte lookups, without AVX512BW's pshufb, take the select chain)."""
+    """On a CPU without VNNI (numba told to compile for Haswell: AVX2, no VNNI, no AVX-512) the
+    int8 path takes vpmaddubsw (Q4_K: with its integer scales), two 32-byte pshufb for the
+    tables and signed IQ4 values, and gives the int8-rounded products there too."""
     script = textwrap.dedent(
         """
         import sys, torch
@@ -267,7 +269,7 @@ def test_int8_path_without_vnni(tmp_path) -> None:
             for T in (1, 5):
                 x = torch.randn(T, shape[1])
                 fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False)
-                err = _rel(fast, _int8_activations(x).double() @ dense.T)
+                err = _rel(fast, _int8_activations(x, qtype).double() @ dense.T)
                 assert err < 1e-5, (qtype, T, err)
         print("ok")
         """

@@ -67,6 +67,9 @@ _STREAM_ROWS = 64  # rows of a streaming work item: longer runs of bytes (16 mea
 # half -> float32 and e4m3fn -> float32 for every bit pattern: exact, and cheap to index
 F16_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 FP8_LUT = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+# Q4_K's activations share a scale per 256 (a super-block, like llama.cpp's q8_K): AVX2 without
+# VNNI then sums a super-block in int32 with the 6-bit scales (rowdot.q4k_int_superblocks)
+ACT_SPAN_Q4_K = 256
 _TOKEN_BLOCK = 16  # tokens streamed per pass over a row chunk: (16, 7168) float32 is 458 KiB
 FASTMATH = {"contract", "reassoc"}  # float32 sums may be reordered and fused (still exact inputs)
 _RD1_Q8_0, _RD1_Q4_0, _RD1_Q4_K, _RD1_FP8 = (
@@ -315,7 +318,8 @@ def _code_group(fmt: int) -> int:
 
 @njit(cache=True)
 def _quantize(fmt: int, x: np.ndarray):
-    """Activations (T, in) as int8 per 32 (scale max|x| / 127), for rowdot's int8 path.
+    """Activations (T, in) as int8 per 32 (scale max|x| / 127; Q4_K: one scale per
+    ``ACT_SPAN_Q4_K``, repeated per 32), for rowdot's int8 path.
 
     Returns int8 (T, in) values in their natural order; float32 (T, in // 32) scales; float32
     (T, in // 32) sums of the int8 values per 32 (Q4_K: times the scale)."""
@@ -323,22 +327,24 @@ def _quantize(fmt: int, x: np.ndarray):
     xq = np.zeros((T, n), dtype=np.int8)
     dx = np.zeros((T, n // 32), dtype=np.float32)
     xs = np.zeros((T, n // 32), dtype=np.float32)
+    span = ACT_SPAN_Q4_K if fmt == FMT_Q4_K else 32
+    # Q4_K's mins take the rounded activations too: the result is exact for them
+    scaled = fmt == FMT_Q4_K or fmt >= FIRST_CODES
     for t in range(T):
-        for c in range(n // 32):
-            o = c * 32
+        for c0 in range(0, n // 32, span // 32):
             amax = np.float32(0)
-            for i in range(32):
-                amax = max(amax, abs(x[t, o + i]))
+            for i in range(c0 * 32, c0 * 32 + span):
+                amax = max(amax, abs(x[t, i]))
             inv = np.float32(127) / amax if amax > 0 else np.float32(0)
-            qsum = 0
-            for i in range(32):
-                q = np.int8(np.rint(x[t, o + i] * inv))
-                xq[t, o + i] = q
-                qsum += q
-            dx[t, c] = amax / np.float32(127)
-            # Q4_K's mins take the rounded activations too: the result is exact for them
-            scaled = fmt == FMT_Q4_K or fmt >= FIRST_CODES
-            xs[t, c] = np.float32(qsum) * dx[t, c] if scaled else np.float32(qsum)
+            for c in range(c0, c0 + span // 32):
+                o = c * 32
+                qsum = 0
+                for i in range(32):
+                    q = np.int8(np.rint(x[t, o + i] * inv))
+                    xq[t, o + i] = q
+                    qsum += q
+                dx[t, c] = amax / np.float32(127)
+                xs[t, c] = np.float32(qsum) * dx[t, c] if scaled else np.float32(qsum)
     return xq, dx, xs
 
 

@@ -177,6 +177,27 @@ def q4k_scales(g: IRGen, rowp: ir.Value, base: ir.Value, d: ir.Value, dmin: ir.V
     return b.fmul(g.bcast(d, 8), sc), b.fmul(g.bcast(dmin, 8), m)
 
 
+def q4k_scale_bytes(g: IRGen, rowp: ir.Value, base: ir.Value, dmin: ir.Value):
+    """A Q4_K super-block's 8 sub-block scales as <8 x i8> (0..63), its mins likewise, and the
+    mins times dmin as <8 x float> (see ``q4k_scales``)."""
+    b = g.b
+    a, bw, c = (g.load(rowp, b.add(base, g.i64(o)), I32, I8) for o in (4, 8, 12))
+
+    def k(v):
+        return ir.Constant(I32, v)
+
+    sc_lo, m_lo = b.and_(a, k(0x3F3F3F3F)), b.and_(bw, k(0x3F3F3F3F))
+    sc_hi = b.or_(b.and_(c, k(0x0F0F0F0F)), b.and_(b.lshr(a, k(2)), k(0x30303030)))
+    m_hi = b.or_(b.and_(b.lshr(c, k(4)), k(0x0F0F0F0F)), b.and_(b.lshr(bw, k(2)), k(0x30303030)))
+
+    def bytes8(lo, hi):  # two words of 4 bytes -> <8 x i8>
+        v = b.insert_element(ir.Constant(vec(I32, 2), ir.Undefined), lo, k(0))
+        return b.bitcast(b.insert_element(v, hi, k(1)), vec(I8, 8))
+
+    sc, m = bytes8(sc_lo, sc_hi), bytes8(m_lo, m_hi)
+    return sc, m, b.fmul(g.bcast(dmin, 8), b.uitofp(m, vec(F32, 8)))
+
+
 def make_rowdot(fmt: int, nt: int):
     """An intrinsic ``rowdot(w, r0, nr, xp, t0, xsum, scale, lut, out, o0)``:
     out[o0 + t, i] = W[r0 + i] . x[t0 + t] for t < nt, i < nr.
@@ -410,6 +431,62 @@ def dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int, max_w: int = 25
     return tot
 
 
+def _avx2(b: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value) -> ir.Value:
+    fn = cgutils.get_or_insert_function(
+        b.module, ir.FunctionType(ret, [a.type for a in args]), f"llvm.x86.avx2.{name}"
+    )
+    return b.call(fn, list(args))
+
+
+def q4k_int_superblocks(g, rowp, n_units, lutp, nt, xqp, xrow, dxp, xsp, brow, mins):
+    """Q4_K rows against int8 activations with one scale per 256 (``kernels._quantize``) on
+    AVX2 without VNNI, as llama.cpp's q4_K x q8_K: vpmaddubsw gives 16-bit pair sums of a
+    sub-block, vpmaddwd multiplies them by the sub-block's 6-bit scale (instead of by ones) and
+    adds pairs, so a super-block's sum stays int32 and takes one conversion and one float
+    multiply-add per token (the float path pays both per 32 weights). Bounds: a pair sum is
+    at most 2 * 15 * 127, times 63 and summed over 256 weights well inside int32.
+
+    Sub-block pairs are the outer loop and tokens the inner one, so only two weight vectors
+    and their scales are live beside the tokens' sums (16 ymm registers: the token-outer order
+    spilled). mins[t] (8 float lanes) gets the row's dot product negated, dmin m_j xs_j -
+    d dx sum_j sc_j (w . x)_j, so that the float path's ending (accs - mins, accs zero) gives
+    it unchanged."""
+    b = g.b
+    vb, vw, vd, vf = _VB, vec(I16, 16), _VD, vec(F32, 8)
+    wpu, bpu = QUNIT[FMT_Q4_K]
+    fm = ("contract",)
+    lo4 = splat(I8, 32, 15)
+    with cgutils.for_range(b, n_units) as loop:
+        u = loop.index
+        base = b.mul(u, g.i64(bpu))
+        for o in (0, 64, 128):
+            g.prefetch(rowp, b.add(base, g.i64(PF + o)))
+        x0 = b.mul(u, g.i64(wpu))
+        d = g.f16(rowp, base, lutp)
+        dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
+        sc8, _, dm = q4k_scale_bytes(g, rowp, base, dmin)
+        sc16 = b.zext(sc8, vec(I16, 8))
+        isum = [ir.Constant(vd, [0] * 8)] * nt
+        for grp in range(4):  # 32 bytes: sub-block 2 grp in the low nibbles, 2 grp + 1 high
+            wv = g.load(rowp, b.add(base, g.i64(16 + 32 * grp)), vb, I8)
+            hi = b.bitcast(b.lshr(b.bitcast(wv, vw), splat(I16, 16, 4)), vb)
+            for k, wk in enumerate((b.and_(wv, lo4), b.and_(hi, lo4))):
+                j = 2 * grp + k
+                sc = b.shuffle_vector(sc16, sc16, ir.Constant(vec(I32, 16), [j] * 16))
+                for t in range(nt):
+                    xv = g.load(xqp, b.add(xrow[t], b.add(x0, g.i64(32 * j))), vb, I8)
+                    p = _avx2(b, "pmadd.wd", vd, _avx2(b, "pmadd.ub.sw", vw, wk, xv), sc)
+                    isum[t] = b.add(isum[t], p)
+        sub = b.mul(u, g.i64(8))
+        for t in range(nt):
+            xsv = g.load(xsp, b.add(brow[t], sub), vf, F32)
+            dx = b.load(b.gep(dxp, [b.add(brow[t], sub)], source_etype=F32))
+            sd = g.bcast(b.fmul(d, dx), 8)
+            m = b.fadd(b.load(mins[t]), b.fmul(dm, xsv, flags=fm), flags=fm)
+            m = b.fsub(m, b.fmul(sd, b.sitofp(isum[t], vf), flags=fm), flags=fm)
+            b.store(m, mins[t])
+
+
 def make_rowdot_i8(fmt: int, nt: int):
     """An intrinsic ``rowdot(w, r0, nr, xq, t0, dx, xs, lut, out, o0)``:
     out[o0 + t, i] = W[r0 + i] . x[t0 + t] with int8 activations, for t < nt, i < nr.
@@ -425,6 +502,7 @@ def make_rowdot_i8(fmt: int, nt: int):
     wpu, bpu = QUNIT[fmt]
     vf = vec(F32, 8)
     vnni = target_vnni()
+    int_scales = not vnni and "avx2" in target_features()
     fm = ("contract",)
     n_lanes = 16  # accumulator lanes: 64 weights per product
 
@@ -471,7 +549,9 @@ def make_rowdot_i8(fmt: int, nt: int):
                     b.store(zero8, mins[t])
                     b.store(ir.Constant(F32, 0.0), msum[t])
                     b.store(zero2, msum2[t])
-                if fmt == FMT_Q4_K:
+                if fmt == FMT_Q4_K and int_scales:
+                    q4k_int_superblocks(g, rowp, n_units, lutp, nt, xqp, xrow, dxp, xsp, brow, mins)
+                elif fmt == FMT_Q4_K:
                     with cgutils.for_range(b, n_units) as loop:
                         u = loop.index
                         base = b.mul(u, g.i64(bpu))
