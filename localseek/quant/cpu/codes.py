@@ -308,6 +308,25 @@ def _abs(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return b.select(b.icmp_signed("<", v, zero), b.sub(zero, v), v)
 
 
+# the group (of 16 weights) in each lane of ``_group_sums``' result
+GROUP_ORDER = [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]
+
+
+def _group_sums(b: ir.IRBuilder, parts: list[ir.Value]) -> ir.Value:
+    """A super-block's four <16 x i32> products (lane i: 4 weights of group i // 4 of its 64)
+    -> <16 x i32> sums per group of 16, in the order GROUP_ORDER, by two rounds of AVX2's
+    phaddd (which adds pairs within each 128-bit half: 8 ymm -> 4 -> 2)."""
+    half = [ir.Constant(vec(I32, 8), list(range(o, o + 8))) for o in (0, 8)]
+    ymm = [b.shuffle_vector(p, p, h) for p in parts for h in half]  # groups (2k, 2k + 1) each
+
+    def hadd(u, v):
+        return _intrinsic2(b, "llvm.x86.avx2.phadd.d", u, v)
+
+    h = [hadd(ymm[i], ymm[i + 1]) for i in range(0, 8, 2)]
+    lo, hi = hadd(h[0], h[1]), hadd(h[2], h[3])
+    return b.shuffle_vector(lo, hi, ir.Constant(vec(I32, 16), list(range(16))))
+
+
 def _vec1(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     """A float scalar as <1 x float>."""
     return b.insert_element(ir.Constant(vec(F32, 1), ir.Undefined), v, _i32(0))
@@ -350,6 +369,10 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
     signed = fmt in (FMT_IQ4_NL, FMT_IQ4_XS) and not exact and not vnni
     signed = signed and "avx2" in target_features()
     max_w = 127 if signed else MAX_CODE[fmt]
+    # AVX2 without VNNI: a super-block's int32 products are summed per group of 16 in registers
+    # (``_group_sums``) before the float scales, 16 lanes a token instead of 64 (64 floats a
+    # token were 8 ymm of 16, and with 8 tokens the accumulators spilled on every product)
+    grouped = sb and not exact and not vnni and "avx2" in target_features()
 
     @intrinsic
     def rowdot(typingctx, w, r0, nr, x, t0, dx, xs, lut, out, o0):
@@ -381,7 +404,7 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
             # float accumulators, one per token and vector width: the products (a super-block
             # or a pair of blocks, and a lone last block), and the mins (per group)
             lane = 1 if exact else 4  # weights per product lane
-            widths = [256 // 4 // lane] if sb else [64 // lane, 32 // lane]
+            widths = [16 if grouped else 256 // 4 // lane] if sb else [64 // lane, 32 // lane]
             prods, mins = (
                 {wd: [cgutils.alloca_once(b, vec(F32, wd)) for _ in range(nt)] for wd in table}
                 for table in (widths, [16] if sb else [2, 1])
@@ -392,6 +415,9 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                 of ``gw`` weights; x0, dx_at, xs_at: its offsets in x, dx and xs."""
                 n_g = sc.type.count
                 mags = [_abs(b, cv) for cv in codes] if signed else codes
+                if grouped:
+                    grouped_unit(codes, mags, sc, mn, x0, dx_at, xs_at)
+                    return
                 for t in range(nt):
                     if mn is not None:
                         xsv = g.load(xsp, b.add(srow[t], xs_at), vec(F32, n_g), F32)
@@ -421,6 +447,32 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                         sj = b.shuffle_vector(s_t, s_t, ir.Constant(vec(I32, lanes), pick))
                         a = prods[lanes][t]
                         b.store(b.fadd(b.load(a), b.fmul(sj, p, flags=fm), flags=fm), a)
+
+            def grouped_unit(codes, mags, sc, mn, x0, dx_at, xs_at) -> None:
+                """A super-block on AVX2: per token, the 16 groups' int32 sums times their
+                scales (in ``_group_sums``' lane order) less the mins times the activation
+                sums, into one 16-lane accumulator (its lanes are summed at the end, so two
+                terms of different groups may share a lane)."""
+                sc_perm = b.shuffle_vector(sc, sc, ir.Constant(vec(I32, 16), GROUP_ORDER))
+                for t in range(nt):
+                    dxv = g.load(dxp, b.add(brow[t], dx_at), vec(F32, 8), F32)
+                    dx_perm = b.shuffle_vector(
+                        dxv, dxv, ir.Constant(vec(I32, 16), [i // 2 for i in GROUP_ORDER])
+                    )
+                    parts = []
+                    for c, cv in enumerate(codes):
+                        xo = b.add(xrow[t], b.add(x0, g.i64(64 * c)))
+                        xv = g.load(xp, xo, vec(I8, 64), I8)
+                        if signed:
+                            xv = _sign(b, xv, cv)
+                        parts.append(dpbusd(b, mags[c], xv, vnni, max_w))
+                    sums = b.sitofp(_group_sums(b, parts), vec(F32, 16))
+                    a = prods[16][t]
+                    acc = b.fadd(b.load(a), b.fmul(b.fmul(sc_perm, dx_perm), sums, flags=fm))
+                    if mn is not None:
+                        xsv = g.load(xsp, b.add(srow[t], xs_at), vec(F32, 16), F32)
+                        acc = b.fsub(acc, b.fmul(mn, xsv, flags=fm), flags=fm)
+                    b.store(acc, a)
 
             def block(u):
                 return _block32(g, fmt, rowp, b.mul(u, g.i64(bpu)), lutp, signed)
