@@ -32,7 +32,7 @@ import torch
 from numba import njit, prange
 
 from localseek.quant.cpu.codes import make_rowdot_codes, make_rowdot_float
-from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8
+from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8, q4k_int_scales
 from localseek.quant.formats import (
     FIRST_CODES,
     FLOAT_CODES,
@@ -67,9 +67,9 @@ _STREAM_ROWS = 64  # rows of a streaming work item: longer runs of bytes (16 mea
 # half -> float32 and e4m3fn -> float32 for every bit pattern: exact, and cheap to index
 F16_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 FP8_LUT = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-# Q4_K's activations share a scale per 256 (a super-block, like llama.cpp's q8_K): AVX2 without
-# VNNI then sums a super-block in int32 with the 6-bit scales (rowdot.q4k_int_superblocks)
-ACT_SPAN_Q4_K = 256
+# Q4_K's int8 activations share a scale per 256 (a super-block, like llama.cpp's q8_K) where
+# rowdot sums super-blocks in int32 (AVX2 without VNNI), else per 32 like the other formats
+ACT_SPAN_Q4_K = 256 if q4k_int_scales() else 32
 _TOKEN_BLOCK = 16  # tokens streamed per pass over a row chunk: (16, 7168) float32 is 458 KiB
 FASTMATH = {"contract", "reassoc"}  # float32 sums may be reordered and fused (still exact inputs)
 _RD1_Q8_0, _RD1_Q4_0, _RD1_Q4_K, _RD1_FP8 = (

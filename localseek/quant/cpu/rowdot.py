@@ -378,6 +378,15 @@ def target_vnni() -> int:
     return 32 if "avxvnni" in on else 0
 
 
+def q4k_int_scales() -> bool:
+    """Whether Q4_K's int8 path sums super-blocks in int32 (``q4k_int_superblocks``): AVX2
+    without VNNI, where the float path's conversions per 32 weights bound prefill. It needs
+    activations with one scale per 256, which round worse than per 32 (on the demo model's
+    all-Q4_K file, next-token KL to exact 1.9e-3 against 1.2e-3; llama.cpp, per 256 too:
+    1.6e-3), so VNNI targets, fast without it, keep per 32."""
+    return not target_vnni() and "avx2" in target_features()
+
+
 def dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int, max_w: int = 255) -> ir.Value:
     """<n x i8> w (unsigned), x (signed, -127..127) -> <n/4 x i32>: lane i = sum_k w[4i+k] *
     x[4i+k], for n = 32 or 64.
@@ -502,7 +511,7 @@ def make_rowdot_i8(fmt: int, nt: int):
     wpu, bpu = QUNIT[fmt]
     vf = vec(F32, 8)
     vnni = target_vnni()
-    int_scales = not vnni and "avx2" in target_features()
+    int_scales = fmt == FMT_Q4_K and q4k_int_scales()
     fm = ("contract",)
     n_lanes = 16  # accumulator lanes: 64 weights per product
 
