@@ -125,3 +125,30 @@ def vocab_copy(src: Path, dst: Path, **changes) -> Path:
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def edited_copy(
+    src: Path,
+    dst: Path,
+    set_keys: dict | None = None,
+    remove_keys: tuple[str, ...] = (),
+    drop_tensors: tuple[str, ...] = (),
+    reshape: dict[str, tuple[int, ...]] | None = None,
+) -> Path:
+    """A copy of a GGUF with metadata keys set ({key: (GGUFValueType, value)}) or removed,
+    tensors left out or given another (numpy-order) shape of the same size, through gguf-py's
+    own gguf_new_metadata copier."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(src)
+    reshape = reshape or {}
+    reader.tensors = [
+        t._replace(data=t.data.reshape(reshape[t.name])) if t.name in reshape else t
+        for t in reader.tensors
+        if t.name not in drop_tensors
+    ]
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    new = {k: MetadataDetails(t, v) for k, (t, v) in (set_keys or {}).items()}
+    copy_with_new_metadata(reader, writer, new, list(remove_keys))
+    return dst

@@ -300,3 +300,115 @@ def test_one_call_decode_attention_equals_torch_ops(exact, f32_files, tmp_path) 
     attn[0]._fused = None
     with pytest.raises(ValueError, match="outside a cache of 12 positions"):
         model.forward(torch.tensor([[IDS[0]]]), len(IDS), c_fused)
+
+
+# --- damaged and incomplete files: one sentence in the file's own words ---------------------
+
+
+@pytest.fixture(scope="module")
+def demo_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from localseek.demo import BUNDLED
+
+    with open_checkpoint(BUNDLED) as ckpt:
+        return write_gguf(ckpt, tmp_path_factory.mktemp("demo_q8") / "demo.gguf", "q8_0")[0]
+
+
+def _one_sentence(path: Path, *words: str) -> str:
+    with pytest.raises(CheckpointError) as e:
+        localseek.load(path, exact=True)
+    msg = str(e.value)
+    assert msg.count("\n") == 0 and str(path) in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def _tensor_info_at(data: bytes, name: str) -> tuple[int, int]:
+    """(offset of the type field, offset of the data-offset field) of a tensor's info."""
+    at = data.index(name.encode()) + len(name)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    type_at = at + 4 + 8 * n_dims
+    return type_at, type_at + 4
+
+
+def test_empty_and_truncated_header_are_named(demo_q8, tmp_path) -> None:
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    msg = _one_sentence(empty, "is empty")
+    assert "magic" not in msg
+    data = demo_q8.read_bytes()
+    for cut in (3, 10, 100, 30000):  # header, counts, metadata, tokenizer array
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        msg = _one_sentence(path, "truncated")
+        assert "out of bounds" not in msg and "dtype" not in msg
+
+
+@pytest.mark.parametrize("new_type", ["F32", "Q4_K"])
+def test_changed_tensor_type_is_caught(new_type, demo_q8, tmp_path) -> None:
+    data = bytearray(demo_q8.read_bytes())
+    type_at, _ = _tensor_info_at(data, "blk.1.ffn_gate_shexp.weight")  # Q8_0, rows of 256
+    struct.pack_into("<I", data, type_at, int(gguf.GGMLQuantizationType[new_type]))
+    path = tmp_path / "type.gguf"
+    path.write_bytes(data)
+    _one_sentence(path, "blk.1.ffn_gate_shexp.weight", "type, shape or offset is wrong")
+
+
+def test_misaligned_and_overlapping_offsets_are_caught(demo_q8, tmp_path) -> None:
+    data = demo_q8.read_bytes()
+    reader = gguf.GGUFReader(demo_q8)
+    offsets = {t.name: int(t.field.parts[5][0]) for t in reader.tensors}
+    _, off_at = _tensor_info_at(data, "blk.1.attn_q_b.weight")
+    for new, words in [
+        (offsets["blk.1.attn_q_b.weight"] + 1, "misaligned"),
+        (offsets["blk.1.attn_q_a.weight"], "type, shape or offset is wrong"),  # onto another
+    ]:
+        path = tmp_path / f"offset{new}.gguf"
+        path.write_bytes(data[:off_at] + struct.pack("<Q", new) + data[off_at + 8 :])
+        _one_sentence(path, "blk.1.attn_q_b.weight", words)
+
+
+def test_missing_expert_count_names_the_key(demo_q8, tmp_path) -> None:
+    path = gu.edited_copy(demo_q8, tmp_path / "m.gguf", remove_keys=("deepseek2.expert_count",))
+    msg = _one_sentence(path, "metadata key 'deepseek2.expert_count' is missing")
+    assert "tensor 'blk.1.ffn_up_exps.weight'" not in msg or "holds routed experts" in msg
+
+
+def test_expert_count_stored_as_a_string_is_named(demo_q8, tmp_path) -> None:
+    path = gu.edited_copy(
+        demo_q8,
+        tmp_path / "s.gguf",
+        set_keys={"deepseek2.expert_count": (gguf.GGUFValueType.STRING, "16")},
+    )
+    _one_sentence(path, "metadata key 'deepseek2.expert_count' holds a string ('16')", "integer")
+
+
+def test_missing_tensor_is_named_as_the_file_names_it(demo_q8, tmp_path) -> None:
+    path = gu.edited_copy(
+        demo_q8, tmp_path / "t.gguf", drop_tensors=("blk.1.attn_kv_a_mqa.weight",)
+    )
+    msg = _one_sentence(path, "tensor 'blk.1.attn_kv_a_mqa.weight' is missing")
+    assert "layers.1" not in msg
+
+
+def test_misshapen_tensor_is_named_as_the_file_names_it(demo_q8, tmp_path) -> None:
+    name = "blk.2.attn_kv_a_norm.weight"  # (64,) F32: stored as (2, 32), the same bytes
+    path = gu.edited_copy(demo_q8, tmp_path / "shape.gguf", reshape={name: (2, 32)})
+    msg = _one_sentence(path, f"tensor '{name}' has shape (2, 32)", "the config needs (64,)")
+    assert "layers.2" not in msg
+
+
+def test_gguf_without_vocabulary_names_the_key(demo_q8, tmp_path) -> None:
+    path = gu.edited_copy(demo_q8, tmp_path / "v.gguf", remove_keys=("tokenizer.ggml.tokens",))
+    _one_sentence(path, "metadata key 'tokenizer.ggml.tokens' is missing")
+    for argv in (
+        ["generate", "--model", str(path), "--prompt", "hi"],
+        ["quantize", str(path), str(tmp_path / "out.gguf"), "--type", "q8_0"],
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "localseek", *argv], capture_output=True, text=True, timeout=120
+        )
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 1 and len(lines) == 1, run.stderr
+        assert str(path) in lines[0] and "'tokenizer.ggml.tokens' is missing" in lines[0]
+    assert not (tmp_path / "out.gguf").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +13,16 @@ from localseek.config import ModelConfig
 from localseek.errors import CheckpointError
 from localseek.quant import Weight
 from localseek.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """One tensor as the file stores it: its name there, storage type and bytes."""
+
+    name: str
+    storage_type: str
+    nbytes: int
+    routed_experts: bool  # a routed expert, or a stack of them
 
 
 class Checkpoint(ABC):
@@ -57,19 +68,24 @@ class Checkpoint(ABC):
         return iter(self.names())
 
     def check_complete(self) -> None:
-        """Fail with one sentence if a tensor the model needs is absent or has a wrong shape."""
+        """Fail with one sentence if a tensor the model needs is absent or has a wrong shape,
+        naming the tensor as the file names it."""
         have = set(self.names())
-        for name, shape in expected_shapes(self.config).items():
+        # lazily: a corrupt layer or expert count stops at the first missing tensor
+        for name, shape in iter_expected_shapes(self.config):
             if name not in have:
+                raise CheckpointError(f"{self.path}: tensor '{self.describe(name)}' is missing.")
+            got = tuple(self.shape(name))
+            if got != shape:
+                what = " per expert" if ".ffn.experts." in name else ""
                 raise CheckpointError(
-                    f"{self.path}: tensor '{name}' is missing ({self.describe(name)})."
+                    f"{self.path}: tensor '{self.describe(name)}' has shape {got}{what}, "
+                    f"the config needs {shape}."
                 )
-            got = self.shape(name)
-            if tuple(got) != shape:
-                raise CheckpointError(
-                    f"{self.path}: tensor {self.describe(name)} has shape "
-                    f"{tuple(got)}, the config needs {shape}."
-                )
+
+    @abstractmethod
+    def file_tensors(self) -> list[FileTensor]:
+        """Every tensor the file holds, as it holds it (for ``inspect``)."""
 
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
@@ -86,34 +102,50 @@ class Checkpoint(ABC):
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every canonical tensor the model needs, with its shape (out, in) for matrices."""
-    D, H = cfg.hidden_size, cfg.num_attention_heads
-    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, D), "norm": (D,)}
+    return dict(iter_expected_shapes(cfg))
+
+
+def iter_expected_shapes(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """``expected_shapes`` one (name, shape) at a time, layer by layer."""
+    D = cfg.hidden_size
+    yield "embed", (cfg.vocab_size, D)
+    yield "norm", (D,)
     if not cfg.tie_word_embeddings:
-        shapes["head"] = (cfg.vocab_size, D)
+        yield "head", (cfg.vocab_size, D)
     for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes[p + "attn_norm"] = (D,)
-        shapes[p + "ffn_norm"] = (D,)
-        if cfg.q_lora_rank is None:
-            shapes[p + "attn.wq"] = (H * cfg.qk_head_dim, D)
-        else:
-            shapes[p + "attn.wq_a"] = (cfg.q_lora_rank, D)
-            shapes[p + "attn.q_norm"] = (cfg.q_lora_rank,)
-            shapes[p + "attn.wq_b"] = (H * cfg.qk_head_dim, cfg.q_lora_rank)
-        shapes[p + "attn.wkv_a"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
-        shapes[p + "attn.kv_norm"] = (cfg.kv_lora_rank,)
-        shapes[p + "attn.wkv_b"] = (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
-        shapes[p + "attn.wo"] = (D, H * cfg.v_head_dim)
-        if not cfg.is_moe_layer(i):
-            _mlp(shapes, p + "ffn.", D, cfg.intermediate_size)
-            continue
-        shapes[p + "ffn.gate"] = (cfg.n_routed_experts, D)
-        if cfg.topk_method == "noaux_tc":
-            shapes[p + "ffn.gate_bias"] = (cfg.n_routed_experts,)
-        if cfg.n_shared_experts:
-            _mlp(shapes, p + "ffn.shared.", D, cfg.n_shared_experts * cfg.moe_intermediate_size)
-        for e in range(cfg.n_routed_experts):
-            _mlp(shapes, p + f"ffn.experts.{e}.", D, cfg.moe_intermediate_size)
+        yield from _layer_shapes(cfg, i).items()
+        if cfg.is_moe_layer(i):
+            for e in range(cfg.n_routed_experts):
+                shapes: dict[str, tuple[int, ...]] = {}
+                _mlp(shapes, f"layers.{i}.ffn.experts.{e}.", D, cfg.moe_intermediate_size)
+                yield from shapes.items()
+
+
+def _layer_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """Layer i's tensors other than its routed experts."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    shapes: dict[str, tuple[int, ...]] = {}
+    p = f"layers.{i}."
+    shapes[p + "attn_norm"] = (D,)
+    shapes[p + "ffn_norm"] = (D,)
+    if cfg.q_lora_rank is None:
+        shapes[p + "attn.wq"] = (H * cfg.qk_head_dim, D)
+    else:
+        shapes[p + "attn.wq_a"] = (cfg.q_lora_rank, D)
+        shapes[p + "attn.q_norm"] = (cfg.q_lora_rank,)
+        shapes[p + "attn.wq_b"] = (H * cfg.qk_head_dim, cfg.q_lora_rank)
+    shapes[p + "attn.wkv_a"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, D)
+    shapes[p + "attn.kv_norm"] = (cfg.kv_lora_rank,)
+    shapes[p + "attn.wkv_b"] = (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+    shapes[p + "attn.wo"] = (D, H * cfg.v_head_dim)
+    if not cfg.is_moe_layer(i):
+        _mlp(shapes, p + "ffn.", D, cfg.intermediate_size)
+        return shapes
+    shapes[p + "ffn.gate"] = (cfg.n_routed_experts, D)
+    if cfg.topk_method == "noaux_tc":
+        shapes[p + "ffn.gate_bias"] = (cfg.n_routed_experts,)
+    if cfg.n_shared_experts:
+        _mlp(shapes, p + "ffn.shared.", D, cfg.n_shared_experts * cfg.moe_intermediate_size)
     return shapes
 
 

@@ -14,18 +14,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, TokenType
 from gguf.gguf_reader import ReaderTensor
 
-from localseek.checkpoint.base import Checkpoint
+from localseek.checkpoint.base import Checkpoint, FileTensor, expected_shapes, optional_shapes
+from localseek.checkpoint.gguf_layout import GGUFLayout, read_layout
 from localseek.checkpoint.gguf_names import (
     ARCH,
     ATTN_K_B,
     ATTN_V_B,
+    CANONICAL_TO_GGUF,
+    EXPERT_STACK_OF,
     EXPERT_STACKS,
     GATING_SIGMOID,
     GATING_SOFTMAX,
     GGUF_TO_CANONICAL,
+    KEY_KINDS,
     Keys,
     canonical_expert,
     template_of,
@@ -33,8 +37,7 @@ from localseek.checkpoint.gguf_names import (
 from localseek.config import ModelConfig, YarnScaling
 from localseek.errors import CheckpointError
 from localseek.quant import QTensor, Weight
-from localseek.quant.formats import ggml_names
-from localseek.quant.ggml import DENSE_TYPES, GGML_QTYPES, ggml_qtensor
+from localseek.quant.ggml import ggml_qtensor
 from localseek.tokenizer import Tokenizer
 
 # llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM pre-tokenizer (DeepSeek-V2 / V2-Lite and
@@ -48,6 +51,8 @@ DEEPSEEK_LLM_PRE_REGEXES = [
     "\\p{N}+",
 ]
 
+# tensors the model runs as dense torch tensors whatever their type in the file (norms, router)
+_DENSE_ONLY = re.compile(r"(norm|\.ffn\.gate|\.ffn\.gate_bias)$")
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 # llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM pre-tokenizer, as in DeepSeek-V3's tokenizer.json.
@@ -86,32 +91,89 @@ def _shard_paths(path: Path) -> list[Path]:
 
 
 def _open_reader(path: Path) -> GGUFReader:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror}).") from e
-    if magic != b"GGUF":
-        raise CheckpointError(f"{path}: not a GGUF file (bad magic {magic!r}).")
+    layout = read_layout(path)  # every size checked against the file first
+    _check_metadata(path, layout)
     try:
         # "c": copy-on-write mapping, so torch gets writable arrays without copying the file
         return GGUFReader(path, "c")
-    except ValueError as e:
-        msg = str(e).strip().rstrip(".").split("\n")[0]
-        if "is not a valid GGMLQuantizationType" in msg:
-            msg = f"a tensor has an unknown quantization type ({msg})"
-        elif "cannot reshape" in msg or "out of bounds" in msg:
-            msg = "tensor data runs past the end of the file (truncated download?)"
-        raise CheckpointError(f"{path}: not a readable GGUF file, {msg}.") from e
-    except Exception as e:  # numpy raises assorted errors on truncated headers
+    except Exception as e:  # the layout is sound, so this is a fault the walk does not know
         raise CheckpointError(
-            f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})."
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {_short(e)})."
         ) from e
+
+
+def _short(e: BaseException) -> str:
+    return str(e).strip().rstrip(".").split("\n")[0]
 
 
 def _value(reader: GGUFReader, key: str) -> Any:
     field = reader.fields.get(key)
     return None if field is None else field.contents()
+
+
+_INTS = frozenset(
+    {
+        GGUFValueType.UINT8,
+        GGUFValueType.INT8,
+        GGUFValueType.UINT16,
+        GGUFValueType.INT16,
+        GGUFValueType.UINT32,
+        GGUFValueType.INT32,
+        GGUFValueType.UINT64,
+        GGUFValueType.INT64,
+    }
+)
+_FLOATS = frozenset({GGUFValueType.FLOAT32, GGUFValueType.FLOAT64})
+_WANTED = {
+    "int": "an integer",
+    "float": "a float",
+    "bool": "true or false",
+    "str": "a string",
+    "str[]": "an array of strings",
+    "int[]": "an array of integers",
+}
+_KNOWN_KEYS = frozenset(v for k, v in vars(Keys).items() if k.isupper())
+
+
+def _kind_ok(kind: str, vtype: GGUFValueType, item: GGUFValueType | None) -> bool:
+    if kind.endswith("[]"):
+        return vtype == GGUFValueType.ARRAY and _kind_ok(kind[:-2], item, None)
+    return {
+        "int": vtype in _INTS,
+        "float": vtype in _FLOATS,  # as llama.cpp: a float's bits read as an integer are not
+        "bool": vtype == GGUFValueType.BOOL,
+        "str": vtype == GGUFValueType.STRING,
+    }[kind]
+
+
+def _held(vtype: GGUFValueType, item: GGUFValueType | None) -> str:
+    if vtype == GGUFValueType.ARRAY:
+        return f"an array of {item.name if item is not None else 'nothing'}"
+    return "a string" if vtype == GGUFValueType.STRING else f"a {vtype.name}"
+
+
+def _check_metadata(path: Path, layout: GGUFLayout) -> None:
+    """Each known key holds the kind of value it must; an unknown key one character away from
+    a known key that is missing is a corrupt name, not a key from a newer writer."""
+    for key, (vtype, item) in layout.value_types.items():
+        kind = KEY_KINDS.get(key)
+        if kind is not None and not _kind_ok(kind, vtype, item):
+            held = _held(vtype, item)
+            if key in layout.strings:
+                held += f" ({layout.strings[key][:40]!r})"
+            raise CheckpointError(
+                f"{path}: metadata key '{key}' holds {held}; it must be {_WANTED[kind]}."
+            )
+        if kind is None and key not in _KNOWN_KEYS:
+            for known in _KNOWN_KEYS - layout.value_types.keys():
+                if (
+                    len(known) == len(key)
+                    and sum(a != b for a, b in zip(known, key, strict=True)) == 1
+                ):
+                    raise CheckpointError(
+                        f"{path}: metadata key '{key}' is unknown and one character off "
+                        f"'{known}', which is missing (a corrupt file?)."
+                    )
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -126,11 +188,15 @@ class GGUFCheckpoint(Checkpoint):
         self._tensors: dict[str, tuple[Path, ReaderTensor]] = {}
         for shard, reader in zip(self._shards, self._readers, strict=True):
             for t in reader.tensors:
-                self._check_tensor(shard, t)
+                if t.name in self._tensors:
+                    raise CheckpointError(
+                        f"{shard}: tensor '{t.name}' is also in {self._tensors[t.name][0].name}."
+                    )
                 self._tensors[t.name] = (shard, t)
         self.config = self._config()
         self._where: dict[str, str] = {}  # canonical -> GGUF name (experts: the stack)
         self._index()
+        self._check_tensors_used()
 
     # --- metadata ----------------------------------------------------------------------------
 
@@ -156,21 +222,6 @@ class GGUFCheckpoint(Checkpoint):
             if count > 1 and (no is None or int(no) != i):
                 raise CheckpointError(f"{self._shards[i]}: split.no is {no}, expected {i}.")
 
-    def _check_tensor(self, shard: Path, t: ReaderTensor) -> None:
-        qtype = GGMLQuantizationType(t.tensor_type)
-        if qtype not in DENSE_TYPES and qtype not in GGML_QTYPES:
-            raise CheckpointError(
-                f"{shard}: tensor '{t.name}' has quantization type {qtype.name}, which localseek "
-                f"does not read ({ggml_names()})."
-            )
-        block, size = GGML_QUANT_SIZES[qtype]
-        need = int(t.n_elements) // block * size
-        end = int(t.data_offset) + need
-        if t.data.nbytes != need or end > shard.stat().st_size:
-            raise CheckpointError(
-                f"{shard}: tensor '{t.name}' runs past the end of the file (truncated download?)."
-            )
-
     def _config(self) -> ModelConfig:
         arch = self.meta(Keys.ARCHITECTURE)
         if arch != ARCH:
@@ -179,6 +230,13 @@ class GGUFCheckpoint(Checkpoint):
                 f"(localseek runs '{ARCH}': DeepSeek-V2/V3)."
             )
         n_layers = int(self._need(Keys.BLOCK_COUNT))
+        layers = {layer for n in self._tensors if (layer := template_of(n)[1]) is not None}
+        if n_layers > len(layers):
+            raise CheckpointError(
+                f"{self.path}: metadata key '{Keys.BLOCK_COUNT}' is {n_layers}, but the file "
+                f"holds tensors of {len(layers)} layers."
+            )
+        n_experts = self._expert_count()
         n_heads = int(self._need(Keys.HEAD_COUNT))
         kv_lora = int(self._need(Keys.KV_LORA_RANK))
         rope_dim = int(self._need(Keys.ROPE_DIM))
@@ -191,12 +249,16 @@ class GGUFCheckpoint(Checkpoint):
         has_bias = any(n.endswith("exp_probs_b.bias") for n in self._tensors)
         n_group = int(self.meta(Keys.EXPERT_GROUP_COUNT, 1)) or 1
         norm = bool(self.meta(Keys.EXPERT_WEIGHTS_NORM, False))
-        scale = float(self.meta(Keys.EXPERT_WEIGHTS_SCALE, 1.0))
+
+        def moe(key: str) -> Any:  # keys llama.cpp requires of a deepseek2 file with experts
+            return self._need(key) if n_experts else self.meta(key, 0)
+
+        scale = float(moe(Keys.EXPERT_WEIGHTS_SCALE) or 1.0)
         # llama.cpp normalises then scales: V3's rule. V2's differs only when both are on.
         v3_rule = gating == GATING_SIGMOID or has_bias or (norm and scale != 1.0)
         vocab = self.meta(Keys.VOCAB_SIZE)
-        if vocab is None:
-            vocab = len(self.meta(Keys.TOK_TOKENS, []))
+        if vocab is None:  # older files: the vocabulary's length
+            vocab = len(self.meta(Keys.TOK_TOKENS) or []) or self._need(Keys.VOCAB_SIZE)
         q_lora = int(self.meta(Keys.Q_LORA_RANK, 0))
         yarn = None
         if self.meta(Keys.ROPE_SCALING_TYPE) == "yarn":
@@ -221,13 +283,13 @@ class GGUFCheckpoint(Checkpoint):
             hidden_size=int(self._need(Keys.EMBEDDING_LENGTH)),
             num_hidden_layers=n_layers,
             rms_norm_eps=float(self._need(Keys.RMS_EPS)),
-            max_position_embeddings=int(self.meta(Keys.CONTEXT_LENGTH, 4096)),
+            max_position_embeddings=int(self._need(Keys.CONTEXT_LENGTH)),
             tie_word_embeddings="output.weight" not in self._tensors,
             intermediate_size=int(self._need(Keys.FEED_FORWARD_LENGTH)),
-            moe_intermediate_size=int(self.meta(Keys.EXPERT_FF_LENGTH, 0)),
-            n_routed_experts=int(self.meta(Keys.EXPERT_COUNT, 0)),
-            n_shared_experts=int(self.meta(Keys.EXPERT_SHARED_COUNT, 0)),
-            num_experts_per_tok=int(self.meta(Keys.EXPERT_USED_COUNT, 0)),
+            moe_intermediate_size=int(moe(Keys.EXPERT_FF_LENGTH)),
+            n_routed_experts=n_experts,
+            n_shared_experts=int(moe(Keys.EXPERT_SHARED_COUNT)),
+            num_experts_per_tok=int(moe(Keys.EXPERT_USED_COUNT)),
             n_group=n_group,
             topk_group=int(self.meta(Keys.EXPERT_GROUP_USED_COUNT, 1)) or 1,
             topk_method="noaux_tc"
@@ -236,7 +298,7 @@ class GGUFCheckpoint(Checkpoint):
             scoring_func="sigmoid" if gating == GATING_SIGMOID else "softmax",
             norm_topk_prob=norm,
             routed_scaling_factor=scale,
-            first_k_dense_replace=int(self.meta(Keys.LEADING_DENSE, 0)),
+            first_k_dense_replace=int(moe(Keys.LEADING_DENSE)),
             moe_layer_freq=1,
             num_attention_heads=n_heads,
             q_lora_rank=q_lora or None,
@@ -251,6 +313,27 @@ class GGUFCheckpoint(Checkpoint):
         )
         cfg.validate(str(self.path))
         return cfg
+
+    def _expert_count(self) -> int:
+        """deepseek2.expert_count, which a file with expert stacks must state and match."""
+        stacks = [n for n in self._tensors if template_of(n)[0] in EXPERT_STACKS]
+        if not stacks:
+            return int(self.meta(Keys.EXPERT_COUNT, 0))
+        count = self.meta(Keys.EXPERT_COUNT)
+        if count is None:
+            raise CheckpointError(
+                f"{self.path}: metadata key '{Keys.EXPERT_COUNT}' is missing, but the file "
+                f"holds routed experts ('{stacks[0]}')."
+            )
+        for name in stacks:
+            dims = self._tensors[name][1].shape  # ggml order {in, out, n_expert}
+            if len(dims) != 3 or int(dims[2]) != int(count):
+                held = f"{int(dims[2])} experts" if len(dims) == 3 else f"{len(dims)} dimensions"
+                raise CheckpointError(
+                    f"{self.path}: metadata key '{Keys.EXPERT_COUNT}' is {count}, but tensor "
+                    f"'{name}' holds {held}."
+                )
+        return int(count)
 
     # --- tensors -----------------------------------------------------------------------------
 
@@ -273,11 +356,65 @@ class GGUFCheckpoint(Checkpoint):
                     self._where[f"layers.{layer}.attn.wk_b"] = gguf_name
                     self._where[f"layers.{layer}.attn.wv_b"] = v_b
 
+    def _check_tensors_used(self) -> None:
+        """Every tensor of the file is one the model runs, as llama.cpp's loader requires
+        ("wrong number of tensors"): a renamed or stray tensor is a corrupt file, and a known
+        tensor the metadata does not call for means a key is missing or wrong."""
+        cfg = self.config
+        last = cfg.num_hidden_layers + int(self.meta(Keys.NEXTN_PREDICT_LAYERS, 0))
+        used = set(self._where.values())
+        used |= {n.replace("_k_b", "_v_b") for n in used if n.endswith("attn_k_b.weight")}
+        wanted = expected_shapes(cfg).keys() | optional_shapes(cfg).keys()
+        why = {n: c for c, n in self._where.items() if c in wanted}
+        for name in self._tensors:
+            layer = template_of(name)[1]
+            if layer is not None and layer >= cfg.num_hidden_layers:
+                if layer >= last:
+                    raise CheckpointError(
+                        f"{self.path}: tensor '{name}' is in layer {layer}, but "
+                        f"'{Keys.BLOCK_COUNT}' is {cfg.num_hidden_layers}."
+                    )
+                continue  # multi-token-prediction layers: not used for inference
+            if name not in used:
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' is not a tensor of the {ARCH} architecture "
+                    "(a corrupt name?)."
+                )
+            if name not in why and not name.endswith("attn_v_b.weight"):
+                if name.endswith("attn_q_a.weight") and cfg.q_lora_rank is None:
+                    raise CheckpointError(
+                        f"{self.path}: metadata key '{Keys.Q_LORA_RANK}' is missing or 0, but "
+                        f"the file holds '{name}'."
+                    )
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' is not used by a model with this file's "
+                    "metadata (a metadata key is missing or wrong)."
+                )
+
     def names(self) -> list[str]:
         return list(self._where)
 
     def describe(self, name: str) -> str:
-        return self._where.get(name, name)
+        if name in self._where:
+            return self._where[name]
+        expert = canonical_expert(name)
+        if expert is not None:
+            return EXPERT_STACK_OF[expert[2]].format(i=expert[0])
+        m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
+        template, layer = ("layers.{i}." + m[2], int(m[1])) if m else (name, None)
+        if template == "layers.{i}.attn.wkv_b" and self.meta(Keys.KEY_LENGTH_MLA) is not None:
+            return ATTN_K_B.format(i=layer)  # MLA files split wkv_b into attn_k_b / attn_v_b
+        if template in CANONICAL_TO_GGUF:
+            return CANONICAL_TO_GGUF[template].format(i=layer)
+        return name
+
+    def file_tensors(self) -> list[FileTensor]:
+        return [
+            FileTensor(
+                name, t.tensor_type.name, int(t.n_bytes), template_of(name)[0] in EXPERT_STACKS
+            )
+            for name, (_, t) in self._tensors.items()
+        ]
 
     def shape(self, name: str) -> tuple[int, ...]:
         gguf_name = self._where[name]
@@ -321,6 +458,8 @@ class GGUFCheckpoint(Checkpoint):
             return self._wkv_b(gguf_name, dtype)
         expert = canonical_expert(name)
         w = self._read(gguf_name, None if expert is None else expert[1])
+        if isinstance(w, QTensor) and _DENSE_ONLY.search(name):
+            return w.dequantize(dtype or torch.float32)  # small, and the model runs it dense
         if isinstance(w, torch.Tensor) and dtype is not None and w.dtype != dtype:
             return w.to(dtype)
         return w
@@ -412,7 +551,13 @@ def tokenizer_from_gguf(meta: Any, source: str) -> Tokenizer | None:
         raise CheckpointError(
             f"{source}: pre-tokenizer '{pre}' is not supported (deepseek-v3, deepseek-llm or gpt2)."
         )
-    tokens = list(meta(Keys.TOK_TOKENS, []))
+    tokens = meta(Keys.TOK_TOKENS)
+    if tokens is None:
+        raise CheckpointError(
+            f"{source}: metadata key '{Keys.TOK_TOKENS}' is missing, so the {kind} tokenizer "
+            "the file names has no vocabulary."
+        )
+    tokens = list(tokens)
     types = list(meta(Keys.TOK_TYPES, [TokenType.NORMAL] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in meta(Keys.TOK_MERGES, [])]
     vocab = {t: i for i, t in enumerate(tokens)}

@@ -109,6 +109,7 @@ class Keys:
     EXPERT_GATING_FUNC = f"{ARCH}.expert_gating_func"
     EXPERT_GROUP_COUNT = f"{ARCH}.expert_group_count"
     EXPERT_GROUP_USED_COUNT = f"{ARCH}.expert_group_used_count"
+    NEXTN_PREDICT_LAYERS = f"{ARCH}.nextn_predict_layers"
     VOCAB_SIZE = f"{ARCH}.vocab_size"
     SPLIT_COUNT = "split.count"
     SPLIT_NO = "split.no"
@@ -125,3 +126,65 @@ class Keys:
 
 GATING_SOFTMAX = 1
 GATING_SIGMOID = 2
+
+
+# The kind of value each key must hold: "int" (any GGUF integer type), "float" (FLOAT32 or
+# FLOAT64), "bool", "str", or an array of "str"/"int". A key holding something else is named.
+KEY_KINDS: dict[str, str] = {
+    Keys.ARCHITECTURE: "str",
+    Keys.ALIGNMENT: "int",
+    **{
+        k: "int"
+        for k in (
+            Keys.BLOCK_COUNT,
+            Keys.CONTEXT_LENGTH,
+            Keys.EMBEDDING_LENGTH,
+            Keys.FEED_FORWARD_LENGTH,
+            Keys.HEAD_COUNT,
+            Keys.HEAD_COUNT_KV,
+            Keys.Q_LORA_RANK,
+            Keys.KV_LORA_RANK,
+            Keys.KEY_LENGTH,
+            Keys.VALUE_LENGTH,
+            Keys.KEY_LENGTH_MLA,
+            Keys.VALUE_LENGTH_MLA,
+            Keys.ROPE_DIM,
+            Keys.ROPE_SCALING_ORIG_CTX,
+            Keys.LEADING_DENSE,
+            Keys.EXPERT_FF_LENGTH,
+            Keys.EXPERT_COUNT,
+            Keys.EXPERT_SHARED_COUNT,
+            Keys.EXPERT_USED_COUNT,
+            Keys.EXPERT_GATING_FUNC,
+            Keys.EXPERT_GROUP_COUNT,
+            Keys.EXPERT_GROUP_USED_COUNT,
+            Keys.NEXTN_PREDICT_LAYERS,
+            Keys.VOCAB_SIZE,
+            Keys.SPLIT_COUNT,
+            Keys.SPLIT_NO,
+            Keys.TOK_BOS,
+            Keys.TOK_EOS,
+        )
+    },
+    **{
+        k: "float"
+        for k in (
+            Keys.RMS_EPS,
+            Keys.ROPE_FREQ_BASE,
+            Keys.ROPE_SCALING_FACTOR,
+            Keys.ROPE_SCALING_YARN_LOG_MUL,
+            Keys.ROPE_SCALING_BETA_FAST,
+            Keys.ROPE_SCALING_BETA_SLOW,
+            Keys.EXPERT_WEIGHTS_SCALE,
+        )
+    },
+    Keys.EXPERT_WEIGHTS_NORM: "bool",
+    Keys.TOK_ADD_BOS: "bool",
+    Keys.ROPE_SCALING_TYPE: "str",
+    Keys.TOK_MODEL: "str",
+    Keys.TOK_PRE: "str",
+    Keys.CHAT_TEMPLATE: "str",
+    Keys.TOK_TOKENS: "str[]",
+    Keys.TOK_MERGES: "str[]",
+    Keys.TOK_TYPES: "int[]",
+}

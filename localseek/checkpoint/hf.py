@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from localseek.checkpoint.base import Checkpoint
+from localseek.checkpoint.base import Checkpoint, FileTensor
 from localseek.config import ModelConfig
 from localseek.errors import CheckpointError
 from localseek.quant import QTensor, Weight
@@ -72,10 +72,29 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _SCALE_SUFFIX = "_scale_inv"
 
 
+# the inverse: canonical template (regex) -> Hugging Face name with {0}, {1} for the numbers
+_CANONICAL_TABLE: list[tuple[re.Pattern[str], str]] = [
+    (
+        re.compile(re.escape(repl).replace(r"\\1", r"(\d+)").replace(r"\\2", r"(\d+)")),
+        pattern.pattern.replace("\\.", ".").replace(r"(\d+)", "{}"),
+    )
+    for pattern, repl in HF_NAME_TABLE
+]
+
+
 def canonical_name(hf_name: str) -> str | None:
     for pattern, repl in HF_NAME_TABLE:
         if pattern.fullmatch(hf_name):
             return pattern.sub(repl, hf_name)
+    return None
+
+
+def hf_name_of(name: str) -> str | None:
+    """The Hugging Face name of a canonical tensor name, or None."""
+    for pattern, hf in _CANONICAL_TABLE:
+        m = pattern.fullmatch(name)
+        if m is not None:
+            return hf.format(*m.groups())
     return None
 
 
@@ -127,14 +146,9 @@ class HFCheckpoint(Checkpoint):
     def _index(self, shards: list[Path]) -> None:
         n_layers = self.config.num_hidden_layers
         for shard in shards:
-            try:
-                f = safe_open(str(shard), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(
-                    f"{shard}: not a readable safetensors file, truncated or corrupt ({_short(e)})."
-                ) from e
-            self._files[shard] = f
+            self._files[shard] = _open_shard(shard)
             self._headers[shard] = _read_header(shard)
+            f = self._files[shard]
             for hf_name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if hf_name.endswith(_SCALE_SUFFIX):
                     self._scales[hf_name[: -len(_SCALE_SUFFIX)]] = hf_name
@@ -145,12 +159,29 @@ class HFCheckpoint(Checkpoint):
                 name = canonical_name(hf_name)
                 if name is not None:
                     self._where[name] = (shard, hf_name)
+        experts = [hf for c, (_, hf) in self._where.items() if ".ffn.experts." in c]
+        if experts and not self.config.n_routed_experts:
+            raise CheckpointError(
+                f"{self.path / 'config.json'}: key 'n_routed_experts' is missing or 0, but the "
+                f"checkpoint holds routed experts ('{experts[0]}')."
+            )
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def describe(self, name: str) -> str:
-        return self._where[name][1] if name in self._where else name
+        if name in self._where:
+            return self._where[name][1]
+        return hf_name_of(name) or name
+
+    def file_tensors(self) -> list[FileTensor]:
+        return [
+            FileTensor(name, entry["dtype"], end - begin, ".mlp.experts." in name)
+            for _, entries in self._headers.values()
+            for name, entry in entries.items()
+            if name != "__metadata__"
+            for begin, end in [entry["data_offsets"]]
+        ]
 
     def _slice(self, hf_name: str, shard: Path) -> Any:
         return self._files[shard].get_slice(hf_name)
@@ -261,8 +292,51 @@ _DTYPES = {
 }
 
 
+def _open_shard(shard: Path) -> Any:
+    """safe_open, with a damaged file said in one sentence: the library validates the header
+    (JSON, dtypes, that the tensors tile the data exactly, sizes = shape x dtype), and the
+    checks here only give its faults the file's words ("empty", "truncated")."""
+    try:
+        size = shard.stat().st_size
+        with open(shard, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"{shard}: cannot be read ({e.strerror or e}).") from e
+    if size == 0:
+        raise CheckpointError(f"{shard}: the file is empty (0 bytes), not a safetensors file.")
+    if size < 8:
+        raise CheckpointError(f"{shard}: truncated: the file ends inside the header length.")
+    header_len = int.from_bytes(head, "little")
+    if header_len > size - 8:
+        raise CheckpointError(
+            f"{shard}: truncated or corrupt: the header length says {header_len} bytes, the "
+            f"file holds {size - 8} after it."
+        )
+    try:
+        return safe_open(str(shard), framework="pt")
+    except (SafetensorError, OSError) as e:
+        end = _data_end(shard, header_len)
+        if end is not None and 8 + header_len + end > size:
+            raise CheckpointError(
+                f"{shard}: truncated: its tensors need {8 + header_len + end} bytes, the file "
+                f"has {size}."
+            ) from e
+        raise CheckpointError(f"{shard}: not a readable safetensors file ({_short(e)}).") from e
+
+
+def _data_end(shard: Path, header_len: int) -> int | None:
+    """The end of the last tensor's data as the header states it, or None if it says none."""
+    try:
+        _, entries = _read_header(shard)
+        return max(int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
 def _read_header(shard: Path) -> tuple[int, dict[str, Any]]:
-    """The safetensors header (length, entries); safe_open has already validated it."""
+    """The safetensors header (length, entries). Read by hand because the library does not
+    expose the data offsets that chunked reads (``_read_converted``) need; safe_open has
+    already validated it."""
     with open(shard, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         return header_len, json.loads(f.read(header_len))

@@ -15,7 +15,7 @@ HELP = "show a checkpoint's architecture, tensor types and bytes read per token"
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="Hugging Face checkpoint folder")
+    p.add_argument("path", help="Hugging Face checkpoint folder or GGUF file")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -57,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
             f"scale {cfg['routed_scaling_factor']}",
         ),
         ("vocab", cfg["vocab_size"]),
+        ("tensors", info["tensors"]),
         ("total size", _size(info["total_bytes"])),
     ]
     for k, v in rows:
