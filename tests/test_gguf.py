@@ -412,3 +412,49 @@ def test_gguf_without_vocabulary_names_the_key(demo_q8, tmp_path) -> None:
         assert run.returncode == 1 and len(lines) == 1, run.stderr
         assert str(path) in lines[0] and "'tokenizer.ggml.tokens' is missing" in lines[0]
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_inspect_gguf_without_expert_count_is_one_sentence(demo_q8, tmp_path) -> None:
+    path = gu.edited_copy(demo_q8, tmp_path / "m.gguf", remove_keys=("deepseek2.expert_count",))
+    run = subprocess.run(
+        [sys.executable, "-m", "localseek", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip() == (
+        f"localseek: error: {path}: metadata key 'deepseek2.expert_count' is missing, but the "
+        "file holds routed experts ('blk.1.ffn_gate_exps.weight')."
+    )
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "missing", "misshapen"])
+def test_damaged_safetensors_is_one_sentence(case, tmp_path) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from localseek.demo import BUNDLED
+
+    folder = tmp_path / "hf"
+    shutil.copytree(BUNDLED, folder)
+    st = folder / "model.safetensors"
+    name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    if case in ("empty", "truncated"):
+        data = st.read_bytes()
+        st.write_bytes(b"" if case == "empty" else data[: len(data) - 1000])
+        words = "is empty" if case == "empty" else "truncated"
+    else:
+        state = load_file(str(st))
+        if case == "missing":
+            del state[name]
+            words = f"tensor '{name}' is missing"
+        else:
+            state[name] = state[name].reshape(-1, 128).contiguous()
+            words = f"tensor '{name}' has shape ({state[name].shape[0]}, 128)"
+        save_file(state, str(st))
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 256
+    msg = _one_sentence(folder, words)
+    assert "layers.1.attn" not in msg

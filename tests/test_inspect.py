@@ -65,3 +65,61 @@ def test_inspect_reads_gguf_types_and_sizes(tmp_path):
     assert "Q8_0" in info["tensor_types"]
     stacks = sum(int(t.n_bytes) for t in tensors if "_exps" in t.name)
     assert info["routed_expert_bytes"] == stacks
+
+
+def _inspect(path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "localseek", "inspect", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_inspect_counts_the_files_own_tensors(tmp_path):
+    """A GGUF expert stack is one tensor: the demo Q8_0 file has 70 (it showed 201, each
+    stack counted once per expert)."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    from localseek.checkpoint import open_checkpoint
+    from localseek.convert.gguf_writer import write_gguf
+    from localseek.demo import BUNDLED
+
+    with open_checkpoint(BUNDLED) as ckpt:
+        path = write_gguf(ckpt, tmp_path / "demo.gguf", "q8_0")[0]
+    proc = _inspect(path)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    tensors = GGUFReader(path).tensors
+    types = Counter(t.tensor_type.name for t in tensors)
+    assert info["tensors"] == len(tensors) == 70
+    assert {k: v["tensors"] for k, v in info["tensor_types"].items()} == dict(types)
+
+
+def test_inspect_missing_tensor_and_expert_count_are_one_sentence(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from localseek.demo import BUNDLED
+
+    folder = tmp_path / "hf"
+    shutil.copytree(BUNDLED, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    proc = _inspect(folder)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (
+        f"localseek: error: {folder}: tensor "
+        "'model.layers.1.self_attn.kv_a_proj_with_mqa.weight' is missing."
+    )
+    config = json.loads((folder / "config.json").read_text())
+    del config["n_routed_experts"]
+    (folder / "config.json").write_text(json.dumps(config))
+    proc = _inspect(folder)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "key 'n_routed_experts' is missing" in lines[0] and "layers.1.ffn.w1" not in lines[0]
