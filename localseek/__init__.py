@@ -1,19 +1,34 @@
 """localseek: run DeepSeek-V2/V3-class Mixture-of-Experts models on one workstation."""
 
-import os
+from __future__ import annotations
 
-# torch's and numba's OpenMP pools wait between parallel calls. Sleeping waiters cost a wake-up
-# per call (a decode step makes ~36 numba calls; in a VM a wake-up of an idle vCPU is slow):
-# measured 26-31 tok/s against 40-45 when they spin for 30,000 iterations (~0.3 ms) first. On a
-# machine whose cores are taken by other work the spinning costs more than it saves (22 against
-# 10 tok/s with one busy core of two): set OMP_WAIT_POLICY=PASSIVE there. libgomp reads these
-# once, when it loads; a choice already in the environment is kept.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "30000"
+import sys
+from typing import TYPE_CHECKING, Any
 
-from localseek.config import ModelConfig  # noqa: E402
-from localseek.engine import Model, load  # noqa: E402
-from localseek.errors import CheckpointError, LocalseekError  # noqa: E402
+from localseek.errors import CheckpointError, LocalseekError
+from localseek.options import choose_openmp_wait_policy
+
+# before torch or numba load libgomp, which reads its wait policy once: spin between parallel
+# calls on a quiet machine, sleep where other work keeps a core busy (see the function)
+if "torch" in sys.modules or "numba.np.ufunc.omppool" in sys.modules:
+    OPENMP_WAIT = "libgomp was loaded before localseek: its wait policy is already set"
+else:
+    OPENMP_WAIT = choose_openmp_wait_policy()
+
+if TYPE_CHECKING:
+    from localseek.config import ModelConfig
+    from localseek.engine import Model, load
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "LocalseekError", "Model", "ModelConfig", "load"]
+
+# torch and numba load with the first of these (seconds), not with the package: `--help` is fast
+_LAZY = {"Model": "localseek.engine", "load": "localseek.engine", "ModelConfig": "localseek.config"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'localseek' has no attribute {name!r}")

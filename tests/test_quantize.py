@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -296,3 +297,62 @@ def expected_shapes_of(cfg: dict) -> list[tuple[int, ...]]:
     from localseek.config import ModelConfig
 
     return list(expected_shapes(ModelConfig.from_hf_dict(cfg)).values())
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+# the CLI in a real process, its writing held after the first tensor so that a signal lands
+# mid-run, with the temporary file or folder beside DST
+SLOW_QUANTIZE = r"""
+import sys, time
+import localseek.convert.quantize as convert
+
+real = convert.quantize_model
+
+def held(*args, progress=None, **kw):
+    def step(n, total):
+        progress(n, total)
+        print("writing", flush=True)
+        time.sleep(120)
+    return real(*args, progress=step, **kw)
+
+convert.quantize_model = held
+from localseek.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("qtype, name", [("q4_0", "m.gguf"), ("fp8", "m-fp8")])
+@pytest.mark.parametrize(
+    "signum, said",
+    [
+        (signal.SIGTERM, "localseek: stopped by SIGTERM"),
+        (signal.SIGHUP, "localseek: stopped by SIGHUP"),
+        (signal.SIGINT, "localseek: interrupted"),
+    ],
+)
+def test_signal_mid_run_removes_the_temporary_output(source, tmp_path, qtype, name, signum, said):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_QUANTIZE, "quantize", str(source), str(out / name)]
+        + ["--type", qtype, "--no-eval"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline() == "writing\n", proc.communicate(timeout=60)[1]
+    hidden = [p.name for p in out.iterdir()]
+    assert len(hidden) == 1 and hidden[0].startswith(f".{name}."), hidden  # mid-run
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum
+    assert err == said + "\n"
+    assert list(out.iterdir()) == []
+
+
+def test_help_lists_the_library_types() -> None:
+    from localseek.cli.quantize import KEEP_TYPE_NAMES, TYPE_NAMES
+    from localseek.convert.quantize import KEEP_TYPES, TYPES
+
+    assert (TYPE_NAMES, KEEP_TYPE_NAMES) == (TYPES, KEEP_TYPES)

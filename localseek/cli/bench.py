@@ -5,48 +5,65 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
-from localseek.bench import (
-    BenchResult,
-    BenchTest,
-    Engine,
-    LlamaCppEngine,
-    LocalseekEngine,
-    context_needed,
-    ratios,
-    rows_for_json,
-    run_tests,
-    select_tests,
+from localseek.cli.common import (
+    add_model_args,
+    check_output_path,
+    counted_progress,
+    load_from_args,
+    non_negative_int,
+    positive_int,
+    write_atomically,
 )
-from localseek.checkpoint import open_checkpoint
-from localseek.checkpoint.gguf import GGUFCheckpoint
-from localseek.cli.common import add_model_args, counted_progress, load_from_args, write_atomically
-from localseek.demo import default_model
 from localseek.errors import LocalseekError
-from localseek.inspect import summarize
 
-HELP = "measure prompt processing and generation speed in tokens per second"
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from localseek.bench import BenchResult, BenchTest, Engine
+
 PEERS = ("llama.cpp",)
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0: no pp test)")
-    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0: no tg test)")
-    p.add_argument("-r", "--repetitions", type=int, default=5, help="counted runs per test")
+    p.add_argument(
+        "-p", "--n-prompt", type=non_negative_int, default=512, help="prompt tokens (0: no pp test)"
+    )
+    p.add_argument(
+        "-n", "--n-gen", type=non_negative_int, default=128, help="generated tokens (0: no tg test)"
+    )
+    p.add_argument(
+        "-r", "--repetitions", type=positive_int, default=5, help="counted runs per test"
+    )
     p.add_argument("--vs", choices=PEERS, help="also run this engine on the same GGUF file")
     p.add_argument("--json", metavar="F", help="write the results as a JSON list of rows to F")
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from localseek.bench import (
+        LlamaCppEngine,
+        LocalseekEngine,
+        context_needed,
+        rows_for_json,
+        select_tests,
+    )
+    from localseek.checkpoint import open_checkpoint
+    from localseek.checkpoint.gguf import GGUFCheckpoint
+    from localseek.demo import default_model
+    from localseek.inspect import summarize
+
+    if args.json:
+        check_output_path(args.json, "--json")
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     tests = select_tests(args.n_prompt, args.n_gen)
@@ -87,6 +104,10 @@ def main(args: argparse.Namespace) -> int:
             for row in rows:
                 if row["engine"] == "localseek":
                     row["offload"] = model.offload_stats.to_dict()
+        for row in rows:  # how the OpenMP threads waited (chosen when localseek was imported)
+            row["openmp"] = {
+                k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ
+            }
         write_atomically(Path(args.json), json.dumps(rows, indent=2) + "\n")
         err.print(f"[dim]wrote {len(rows)} rows to {args.json}[/dim]")
     return 0
@@ -95,6 +116,8 @@ def main(args: argparse.Namespace) -> int:
 def _run_with_progress(
     engines: list[Engine], tests: list[BenchTest], repeats: int, vocab: int, err: Console
 ) -> list[BenchResult]:
+    from localseek.bench import run_tests
+
     progress = counted_progress(err)
     runs_per_test = (repeats + 1) * len(engines)
     with progress:
@@ -124,6 +147,11 @@ def _size(n: float) -> str:
 def _table(
     results: list[BenchResult], model: str, threads: int, per_token: int, peer: str | None
 ) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    from localseek.bench import ratios
+
     table = Table(title=f"{model}, {threads} threads", box=box.SIMPLE_HEAD)
     table.add_column("engine", no_wrap=True)
     table.add_column("test", no_wrap=True)

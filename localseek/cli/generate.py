@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
 from localseek.cli.common import (
     add_model_args,
     add_sampling_args,
     generate_from_args,
     load_from_args,
+    utf8_text,
 )
 from localseek.errors import LocalseekError
-from localseek.tokenizer import StreamDecoder
-
-HELP = "generate text from one prompt"
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--prompt", "-p", required=True, help="prompt text")
+    p.add_argument("--prompt", "-p", required=True, type=utf8_text, help="prompt text (UTF-8)")
     add_sampling_args(p, 128, "tokens to generate", temperature=0.0, top_p=1.0)
     p.add_argument(
         "--chat",
@@ -30,6 +26,10 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from localseek.tokenizer import StreamDecoder
+
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     model = load_from_args(args, err)

@@ -6,23 +6,31 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
-
-from localseek.cli.common import add_model_args, counted_progress, load_from_args, write_atomically
+from localseek.cli.common import (
+    add_model_args,
+    check_output_path,
+    counted_progress,
+    load_from_args,
+    write_atomically,
+)
 from localseek.errors import LocalseekError
-from localseek.perplexity import perplexity
 
-HELP = "perplexity and bits per byte of a text file (chunked, second half of each chunk scored)"
 DEFAULT_CTX = 512
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)  # its --ctx is also the chunk length here
+    add_model_args(p)  # its --ctx is also the chunk length here (default 512)
     p.add_argument("--file", "-f", required=True, help="UTF-8 text file to score")
     p.add_argument("--json", metavar="F", help="also write the result as a JSON object to F")
 
 
 def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from localseek.perplexity import perplexity
+
+    if args.json:
+        check_output_path(args.json, "--json")
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     path = Path(args.file)

@@ -5,30 +5,46 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-from rich.table import Table
-
-from localseek.checkpoint import open_checkpoint
-from localseek.demo import default_model
-from localseek.engine import plan_placement
-from localseek.offload.plan import format_size, parse_size
-from localseek.options import DEFAULT_CTX, RuntimeOptions
-
-HELP = "show where weights and experts go under GPU and RAM budgets"
+from localseek.cli.common import positive_int
+from localseek.options import DEFAULT_CTX
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="GGUF file or Hugging Face checkpoint folder")
+    p.add_argument(
+        "--model",
+        "-m",
+        help="GGUF file or Hugging Face checkpoint folder (default: the bundled demo model)",
+    )
     p.add_argument("--gpu-mem", default=None, help="bytes of the GPU tier (e.g. 24GiB)")
     p.add_argument("--ram", default=None, help="bytes of routed experts held in RAM (e.g. 200GiB)")
-    p.add_argument("--ctx", type=int, default=None, help="context length the KV cache holds")
+    p.add_argument(
+        "--ctx",
+        type=positive_int,
+        default=None,
+        help=f"context length the KV cache holds (default: the model's, at most {DEFAULT_CTX})",
+    )
     p.add_argument("--stats", default=None, help="expert usage file from `localseek profile`")
-    p.add_argument("--device", default="cpu", help="torch device of the GPU tier (cpu, cuda)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument(
+        "--device", default="cpu", help="torch device of the GPU tier (cpu, cuda, cuda:N)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from localseek.checkpoint import open_checkpoint
+    from localseek.demo import default_model
+    from localseek.engine import plan_placement
+    from localseek.offload.plan import format_size, parse_size
+    from localseek.options import RuntimeOptions
+
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     opts = RuntimeOptions.resolve(args.device, args.dtype, ctx=args.ctx)

@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import Progress
-
-from localseek.cli.common import add_model_args, load_from_args
+from localseek.cli.common import (
+    add_model_args,
+    check_output_path,
+    load_from_args,
+    non_negative_int,
+    write_atomically,
+)
 from localseek.errors import LocalseekError
-from localseek.offload.plan import ExpertUsage
-from localseek.offload.stats import record_usage
-
-HELP = "record per-layer expert usage over prompts, for `plan --stats` and the cache"
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="where to write the statistics (JSON)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens per prompt")
+    p.add_argument(
+        "-n", "--max-new-tokens", type=non_negative_int, default=64, help="tokens per prompt"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from localseek.offload.plan import ExpertUsage
+    from localseek.offload.stats import record_usage
+
     err = Console(stderr=True, highlight=False)
+    out = check_output_path(args.out, "--out")
     src = Path(args.prompts)
     try:
         prompts = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -43,6 +52,6 @@ def main(args: argparse.Namespace) -> int:
             for _ in model.generate(ids, args.max_new_tokens):
                 pass
             bar.advance(task)
-    usage.save(args.out, model=str(model.path))
+    write_atomically(out, json.dumps(usage.to_dict(str(model.path))) + "\n")
     err.print(f"{usage.tokens} tokens over {len(prompts)} prompts -> {args.out}")
     return 0

@@ -4,36 +4,38 @@ how close the result is to the source."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
+from localseek.cli.common import add_threads_arg, threads_from_args
 
-from localseek.convert.quantize import KEEP_TYPES, TYPES, QuantizeReport, quantize_model
+if TYPE_CHECKING:
+    from rich.console import Console
 
-HELP = "quantize a checkpoint to GGUF (q4_k, q4_0, q8_0) or DeepSeek's FP8 layout"
+    from localseek.convert.quantize import QuantizeReport
+
+# convert.quantize's TYPES and KEEP_TYPES, written out so that `--help` does not import torch
+# (tests/test_quantize.py checks that the two agree)
+TYPE_NAMES = ("q4_k", "q4_0", "q8_0", "fp8")
+KEEP_TYPE_NAMES = ("q8_0", "q4_k", "q4_0", "bf16", "f16", "f32")
 
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="Hugging Face checkpoint folder or GGUF file")
     p.add_argument("dst", help="output .gguf file (a folder for --type fp8)")
     # checked by the library, so that an unknown type is one sentence like every other error
-    p.add_argument("--type", dest="qtype", default="q4_k", help=f"{' | '.join(TYPES)}")
+    p.add_argument(
+        "--type",
+        dest="qtype",
+        default="q4_k",
+        help=f"type of the routed experts: {' | '.join(TYPE_NAMES)}",
+    )
     p.add_argument(
         "--keep",
         default="q8_0",
         help=f"type of attention, shared experts, dense MLPs, embeddings, lm_head "
-        f"({' | '.join(KEEP_TYPES)}; GGUF only, default q8_0)",
+        f"({' | '.join(KEEP_TYPE_NAMES)}; GGUF only)",
     )
-    p.add_argument("--threads", "-t", type=int, default=None, help="quantizer threads")
+    add_threads_arg(p, "quantizer threads")
     p.add_argument("--force", action="store_true", help="replace an existing DST")
     p.add_argument(
         "--no-eval", action="store_true", help="skip the next-token KL check (loads both models)"
@@ -41,6 +43,19 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from localseek.convert.quantize import quantize_model
+
     console = Console(highlight=False, stderr=True)
     bar = Progress(
         TextColumn("quantizing"),
@@ -64,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
             args.dst,
             qtype=args.qtype,
             keep=args.keep,
-            threads=args.threads,
+            threads=threads_from_args(args),
             force=args.force,
             evaluate=not args.no_eval,
             progress=advance,
@@ -75,6 +90,8 @@ def main(args: argparse.Namespace) -> int:
 
 def render_report(console: Console, r: QuantizeReport) -> None:
     """The quality report: sizes, types, relative RMSE per class, next-token KL."""
+    from rich.table import Table
+
     rate = r.source_bytes / r.seconds / 2**20 if r.seconds else 0.0
     console.print(
         f"wrote {r.dst}: {r.output_bytes / 2**20:.1f} MiB from {r.source_bytes / 2**20:.1f} MiB "
