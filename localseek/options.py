@@ -254,28 +254,19 @@ def choose_openmp_wait_policy(
     return "passive: other work seen" if seen is not None else "passive: load unknown"
 
 
-def default_threads(busy: Callable[[], float | None] = busy_cpus) -> int:
-    """The usable cores less those other work keeps busy right now (at least 1): a thread
-    that shares a core with a busy process holds up every parallel call it takes part in
-    (the demo model decoded at 105 tok/s on 1 thread and 53 on 2 beside other work)."""
-    usable = usable_cores()
-    seen = busy()
-    if seen is None:
-        return usable
-    return max(1, min(usable, round(usable - seen)))
-
-
 def set_threads(threads: int | None) -> int:
     """One thread setting for torch and numba, so the two never oversubscribe the cores.
-    None means ``default_threads()``; more than the usable cores is capped to them.
-    Returns the threads set."""
+    None means every usable core, more is capped to them. Returns the threads set.
+
+    Not fewer where other work is seen: with sleeping waiters (the wait policy chosen then)
+    every core did best or near it beside a busy process too (benchmarks/threads.py, demo
+    model: 177 tok/s on 2 threads, 67 on 1), and a short look at the load is noisy."""
     import numba
     import torch
 
     usable = usable_cores()
     if threads is None:
-        threads = default_threads()
-        log.info("%d threads: %d usable cores, the others busy", threads, usable)
+        threads = usable
     elif threads > usable:
         log.info("%d threads capped to the %d usable cores", threads, usable)
         threads = usable
