@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from procs import default_signals
 
 
 def run(*args, env_extra=None):
@@ -103,7 +104,7 @@ def test_truncated_safetensors(tiny, tmp_path):
     assert_one_sentence_error(
         run("generate", "--model", str(tmp_path / "m"), "--prompt", "x"),
         "model.safetensors",
-        "truncated or corrupt",
+        "truncated: its tensors need",
     )
 
 
@@ -223,6 +224,7 @@ def test_ctrl_c_while_torch_imports():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_signals,
     )
     assert proc.stdout.readline() == "importing torch\n"
     proc.send_signal(signal.SIGINT)

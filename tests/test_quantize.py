@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
+from procs import default_signals
 from safetensors.torch import save_file
 
 import localseek
@@ -340,6 +341,7 @@ def test_signal_mid_run_removes_the_temporary_output(source, tmp_path, qtype, na
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_signals,
     )
     assert proc.stdout.readline() == "writing\n", proc.communicate(timeout=60)[1]
     hidden = [p.name for p in out.iterdir()]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from localseek.cli.common import add_model_args, add_sampling_args, load_from_args
+from localseek.cli.common import undecodable as common_undecodable
 from localseek.cli.ui import ChatUI, SpeedLine, gib
 from localseek.errors import LocalseekError
 
@@ -288,18 +289,10 @@ class Chat:
 
 
 def undecodable(text: str, what: str = "that line") -> str | None:
-    """The sentence to say when text read from stdin or the command line was not UTF-8 (its
-    bytes arrive as lone surrogates, see ``main``); None when it was."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        bad = text[e.start]
-        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if "\udc80" <= bad <= "\udcff" else repr(bad)
-        return (
-            f"{what} is not UTF-8 ({byte} at character {e.start + 1}), so nothing was "
-            "sent to the model: convert it to UTF-8 (e.g. with iconv)."
-        )
-    return None
+    """``common.undecodable`` for chat's input: its bytes arrive as lone surrogates (see
+    ``main``), and such a line is not sent."""
+    problem = common_undecodable(text, what, ", so nothing was sent to the model")
+    return None if problem is None else problem + "."
 
 
 @contextmanager

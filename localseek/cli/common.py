@@ -22,17 +22,18 @@ if TYPE_CHECKING:  # these import torch: only a command that runs a model pays f
 SEED_LIMIT = 2**64  # torch's generator takes seeds in [0, 2**64)
 
 
-def undecodable(text: str, what: str) -> str | None:
+def undecodable(text: str, what: str, effect: str = "") -> str | None:
     """The sentence to say when text from the command line or stdin was not UTF-8 (Python hands
-    such bytes over as lone surrogates); None when it was."""
+    such bytes over as lone surrogates); None when it was. ``effect`` (", so ...") says what
+    was not done."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         bad = text[e.start]
         byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if "\udc80" <= bad <= "\udcff" else repr(bad)
         return (
-            f"{what} is not UTF-8 ({byte} at character {e.start + 1}): convert it to UTF-8 "
-            "(e.g. with iconv)"
+            f"{what} is not UTF-8 ({byte} at character {e.start + 1}){effect}: convert it to "
+            "UTF-8 (e.g. with iconv)"
         )
     return None
 

@@ -196,7 +196,10 @@ class ChatUI:
         if stop_reason == "interrupted":
             self.note("[interrupted]")
         elif stop_reason == "context":
-            self.note("(the context is full: /reset to start over, or raise --ctx)")
+            self.note(
+                "(the context is full: the next turn drops the oldest turns; "
+                "raise --ctx to keep more)"
+            )
 
     def _write(self, text: str, thinking: bool) -> None:
         if self.out.is_terminal:
