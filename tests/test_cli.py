@@ -235,8 +235,17 @@ def test_ctrl_c_while_torch_imports():
 
 # --- help -------------------------------------------------------------------------------------
 
-# chat and inspect are left out: their modules still import torch at the top
-LIGHT_HELP = ["", "generate", "bench", "perplexity", "quantize", "plan", "profile"]
+LIGHT_HELP = [
+    "",
+    "generate",
+    "chat",
+    "bench",
+    "perplexity",
+    "quantize",
+    "inspect",
+    "plan",
+    "profile",
+]
 NO_TORCH = r"""
 import sys
 from localseek.cli.main import main

@@ -25,8 +25,6 @@ if TYPE_CHECKING:  # these import torch: `localseek chat --help` does without th
     from localseek.engine import GenerationStats, Model
     from localseek.offload.stats import OffloadStats
 
-HELP = "chat with a model in the terminal"
-
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)

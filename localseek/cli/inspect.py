@@ -8,11 +8,6 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from localseek.checkpoint import open_checkpoint
-from localseek.inspect import summarize
-
-HELP = "show a checkpoint's architecture, tensor types and bytes read per token"
-
 
 def setup_arg_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="Hugging Face checkpoint folder or GGUF file")
@@ -28,6 +23,9 @@ def _size(n: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from localseek.checkpoint import open_checkpoint  # torch: not for --help
+    from localseek.inspect import summarize
+
     with open_checkpoint(args.path) as ckpt:
         info = summarize(ckpt)
     console = Console(highlight=False)
