@@ -152,34 +152,11 @@ def _decode(g: IRGen, fmt: int, w: ir.Value, lanes: int) -> list[list[ir.Value]]
     return [out]
 
 
-def q4k_scales(g: IRGen, rowp: ir.Value, base: ir.Value, d: ir.Value, dmin: ir.Value):
-    """A Q4_K super-block's 8 sub-block scales d * sc and mins dmin * m (<8 x float> each),
-    unpacked from its 12 bytes of 6-bit fields as three 32-bit words (four fields a word):
+def q4k_scale_bytes(g: IRGen, rowp: ir.Value, base: ir.Value):
+    """A Q4_K super-block's 8 sub-block scales sc and mins m (<8 x i8> each, 0..63), unpacked
+    from its 12 bytes of 6-bit fields as three 32-bit words (four fields a word):
     sc[0:4] = a & 63, m[0:4] = b & 63, sc[4:8] = (c & 15) | (a >> 6) << 4,
     m[4:8] = (c >> 4) | (b >> 6) << 4, bytewise."""
-    b = g.b
-    a, bw, c = (g.load(rowp, b.add(base, g.i64(o)), I32, I8) for o in (4, 8, 12))
-
-    def k(v):
-        return ir.Constant(I32, v)
-
-    sc_lo, m_lo = b.and_(a, k(0x3F3F3F3F)), b.and_(bw, k(0x3F3F3F3F))
-    sc_hi = b.or_(b.and_(c, k(0x0F0F0F0F)), b.and_(b.lshr(a, k(2)), k(0x30303030)))
-    m_hi = b.or_(b.and_(b.lshr(c, k(4)), k(0x0F0F0F0F)), b.and_(b.lshr(bw, k(2)), k(0x30303030)))
-    vf = vec(F32, 8)
-
-    def floats(lo, hi):  # two words of 4 bytes -> <8 x float>
-        v = b.insert_element(ir.Constant(vec(I32, 2), ir.Undefined), lo, k(0))
-        v = b.insert_element(v, hi, k(1))
-        return b.uitofp(b.bitcast(v, vec(I8, 8)), vf)
-
-    sc, m = floats(sc_lo, sc_hi), floats(m_lo, m_hi)
-    return b.fmul(g.bcast(d, 8), sc), b.fmul(g.bcast(dmin, 8), m)
-
-
-def q4k_scale_bytes(g: IRGen, rowp: ir.Value, base: ir.Value, dmin: ir.Value):
-    """A Q4_K super-block's 8 sub-block scales as <8 x i8> (0..63), its mins likewise, and the
-    mins times dmin as <8 x float> (see ``q4k_scales``)."""
     b = g.b
     a, bw, c = (g.load(rowp, b.add(base, g.i64(o)), I32, I8) for o in (4, 8, 12))
 
@@ -194,8 +171,14 @@ def q4k_scale_bytes(g: IRGen, rowp: ir.Value, base: ir.Value, dmin: ir.Value):
         v = b.insert_element(ir.Constant(vec(I32, 2), ir.Undefined), lo, k(0))
         return b.bitcast(b.insert_element(v, hi, k(1)), vec(I8, 8))
 
-    sc, m = bytes8(sc_lo, sc_hi), bytes8(m_lo, m_hi)
-    return sc, m, b.fmul(g.bcast(dmin, 8), b.uitofp(m, vec(F32, 8)))
+    return bytes8(sc_lo, sc_hi), bytes8(m_lo, m_hi)
+
+
+def q4k_scales(g: IRGen, rowp: ir.Value, base: ir.Value, d: ir.Value, dmin: ir.Value):
+    """A Q4_K super-block's 8 sub-block scales d * sc and mins dmin * m (<8 x float> each)."""
+    b, vf = g.b, vec(F32, 8)
+    sc, m = q4k_scale_bytes(g, rowp, base)
+    return b.fmul(g.bcast(d, 8), b.uitofp(sc, vf)), b.fmul(g.bcast(dmin, 8), b.uitofp(m, vf))
 
 
 def make_rowdot(fmt: int, nt: int):
@@ -473,7 +456,8 @@ def q4k_int_superblocks(g, rowp, n_units, lutp, nt, xqp, xrow, dxp, xsp, brow, m
         x0 = b.mul(u, g.i64(wpu))
         d = g.f16(rowp, base, lutp)
         dmin = g.f16(rowp, b.add(base, g.i64(2)), lutp)
-        sc8, _, dm = q4k_scale_bytes(g, rowp, base, dmin)
+        sc8, m8 = q4k_scale_bytes(g, rowp, base)
+        dm = b.fmul(g.bcast(dmin, 8), b.uitofp(m8, vf))
         sc16 = b.zext(sc8, vec(I16, 8))
         isum = [ir.Constant(vd, [0] * 8)] * nt
         for grp in range(4):  # 32 bytes: sub-block 2 grp in the low nibbles, 2 grp + 1 high
