@@ -16,7 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
-from localseek.cli.common import add_model_args, add_sampling_args, load_from_args
+from localseek.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    generate_from_args,
+    load_from_args,
+)
 from localseek.cli.common import undecodable as common_undecodable
 from localseek.cli.ui import ChatUI, SpeedLine, gib
 from localseek.errors import LocalseekError
@@ -236,14 +241,7 @@ class Chat:
             )
         try:
             prompt = tok.apply_chat_template(self.conversation.messages(user), tokenize=False)
-            gen = self.session.generate(
-                ids,
-                args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-            )
+            gen = generate_from_args(self.session.model, ids, args, session=self.session)
         except LocalseekError as e:
             self.ui.error(f"{e} (/reset starts over)")
             return False

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # these import torch: only a command that runs a model pays f
     from rich.progress import Progress
 
     from localseek.engine import Generation, Model
+    from localseek.session import Session
 
 SEED_LIMIT = 2**64  # torch's generator takes seeds in [0, 2**64)
 
@@ -92,12 +93,8 @@ def _number(text: str, kind: type, what: str):
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        "-m",
-        help="GGUF file or Hugging Face checkpoint folder (default: the bundled demo model)",
-    )
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype (load, and `plan` without loading)."""
     p.add_argument(
         "--device", default="cpu", help="torch device of the GPU tier (cpu, cuda, cuda:N)"
     )
@@ -106,6 +103,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)",
     )
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        help="GGUF file or Hugging Face checkpoint folder (default: the bundled demo model)",
+    )
+    add_device_args(p)
     add_threads_arg(p, "CPU threads")
     p.add_argument(
         "--ctx",
@@ -194,8 +200,10 @@ def check_output_path(path: str, flag: str) -> Path:
     return out
 
 
-def generate_from_args(model: Model, ids: list[int], args: argparse.Namespace) -> Generation:
-    """model.generate with the flags of ``add_sampling_args``."""
+def generate_from_args(
+    model: Model, ids: list[int], args: argparse.Namespace, session: Session | None = None
+) -> Generation:
+    """model.generate with the flags of ``add_sampling_args`` (in ``session``'s cache if given)."""
     return model.generate(
         ids,
         args.max_new_tokens,
@@ -203,6 +211,7 @@ def generate_from_args(model: Model, ids: list[int], args: argparse.Namespace) -
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        session=session,
     )
 
 

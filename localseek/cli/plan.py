@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from localseek.cli.common import positive_int
+from localseek.cli.common import add_device_args, positive_int
 from localseek.options import DEFAULT_CTX
 
 
@@ -24,14 +24,7 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> None:
         help=f"context length the KV cache holds (default: the model's, at most {DEFAULT_CTX})",
     )
     p.add_argument("--stats", default=None, help="expert usage file from `localseek profile`")
-    p.add_argument(
-        "--device", default="cpu", help="torch device of the GPU tier (cpu, cuda, cuda:N)"
-    )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)",
-    )
+    add_device_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
