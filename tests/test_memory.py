@@ -15,6 +15,7 @@ from localseek.demo import _TINY_CONFIG, random_state
 PROBE = r"""
 import json, sys
 import psutil, torch, localseek
+import localseek.engine  # the code's own modules (numba, llvmlite: 70+ MB) are not weights
 
 def peak_rss():
     for line in open("/proc/self/status"):
