@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,11 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise LocalseekError(f"temperature must be >= 0, got {self.temperature}.")
+        # not (t >= 0): NaN compares false both ways; inf would make every token equally likely
+        if not (0.0 <= self.temperature < math.inf):
+            raise LocalseekError(
+                f"temperature must be a finite number >= 0, got {self.temperature}."
+            )
         if self.top_k < 0:
             raise LocalseekError(f"top_k must be >= 0, got {self.top_k}.")
         if not 0.0 < self.top_p <= 1.0:
