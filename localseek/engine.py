@@ -436,10 +436,10 @@ class Generation(Iterator[int]):
         if self._session is None:
             self._session = Session(m)
         if not self._started:
-            logits, self.stats.reused_tokens = self._session.prefill(self.prompt)
+            logits, self.stats.reused_tokens = self._session.prefill(self.prompt, self)
             self._started = True
         else:
-            logits = self._session.decode(self.tokens[-1])
+            logits = self._session.decode(self.tokens[-1], self)
         token = self.sampler(logits)
         elapsed = time.perf_counter() - t0
         if self._offload0 is not None:

@@ -12,7 +12,9 @@ whole conversation's tokens each turn; ``fit_chat`` drops the oldest turns when 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,13 +40,18 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Session:
     """One sequence's KV cache and the tokens whose keys it holds, kept between generations.
 
-    One generation at a time: starting another one moves the cache to the new prompt.
+    One generation at a time: starting another one moves the cache to the new prompt, and the
+    one it replaced fails on its next step (its positions are gone) instead of continuing from
+    another conversation's keys. Steps from two threads at once are refused the same way; a
+    server keeps one session per conversation and runs one step of the model at a time.
     """
 
     def __init__(self, model: Model) -> None:
         self.model = model
         self.tokens: list[int] = []  # position i of the cache holds tokens[i]
         self._cache: KVCache | None = None
+        self._owner: object | None = None  # the generation whose tokens the cache holds
+        self._busy = threading.Lock()
 
     @property
     def cache(self) -> KVCache:
@@ -72,25 +79,55 @@ class Session:
             token_ids, max_new_tokens, temperature, top_k, top_p, seed, session=self
         )
 
-    def prefill(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, int]:
+    def prefill(
+        self, token_ids: Sequence[int], owner: object | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Bring the cache to ``token_ids``, computing only what is not cached already.
 
+        Args:
+            owner: the generation that will decode after this; ``decode`` with another owner
+                fails from now on.
         Returns:
             The logits (vocab,) float32 after the last token, and how many leading tokens came
             from the cache (at most all but the last: its logits are needed).
         """
         ids = list(token_ids)
-        n = min(common_prefix(self.tokens, ids), len(ids) - 1)
-        del self.tokens[n:]  # before the forward: interrupted, the cache still holds tokens
-        logits = self.model.forward(torch.tensor([ids[n:]]), n, self.cache, last_only=True)
-        self.tokens.extend(ids[n:])
+        with self._step():
+            self._owner = owner
+            n = min(common_prefix(self.tokens, ids), len(ids) - 1)
+            del self.tokens[n:]  # before the forward: interrupted, the cache still holds tokens
+            logits = self.model.forward(torch.tensor([ids[n:]]), n, self.cache, last_only=True)
+            self.tokens.extend(ids[n:])
         return logits[0, -1], n
 
-    def decode(self, token: int) -> torch.Tensor:
-        """Feed one token at the next position; its logits (vocab,) float32."""
-        logits = self.model.forward(torch.tensor([[token]]), len(self.tokens), self.cache)
-        self.tokens.append(int(token))
+    def decode(self, token: int, owner: object | None = None) -> torch.Tensor:
+        """Feed one token at the next position; its logits (vocab,) float32.
+
+        Raises:
+            LocalseekError: another generation has prefilled this session since ``owner``'s.
+        """
+        with self._step():
+            if owner is not self._owner:
+                raise LocalseekError(
+                    "this generation's session has started another generation since, which "
+                    "replaced its tokens in the cache; a session runs one generation at a time "
+                    "(use one Session per conversation)."
+                )
+            logits = self.model.forward(torch.tensor([[token]]), len(self.tokens), self.cache)
+            self.tokens.append(int(token))
         return logits[0, -1]
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[None]:
+        if not self._busy.acquire(blocking=False):
+            raise LocalseekError(
+                "this session is running a step of another generation in another thread; a "
+                "session runs one generation at a time (use one Session per conversation)."
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
 
 
 def fit_chat(

@@ -168,3 +168,41 @@ def test_fit_chat_drops_the_oldest_turns_and_keeps_the_system_prompt(model):
     assert (ids, dropped) == (last, 8)
     with pytest.raises(LocalseekError, match=r"the system prompt and this message take \d+ tokens"):
         fit_chat(tok, [system, *turns], len(last) - 1)
+
+
+def test_a_replaced_generation_fails_instead_of_reading_the_new_prompts_keys(model):
+    session = Session(model)
+    a, b = list(range(5, 25)), list(range(40, 70))
+    first = session.generate(a, 8)
+    next(first)
+    second = session.generate(b, 6)
+    got = [next(second)]
+    with pytest.raises(LocalseekError, match="has started another generation since"):
+        next(first)
+    got += list(second)  # the newer one goes on, with its own tokens only
+    assert got == list(model.generate(b, 6))
+
+
+def test_a_step_from_another_thread_is_refused(model, monkeypatch):
+    import threading
+
+    session = Session(model)
+    entered, release = threading.Event(), threading.Event()
+    forward = model.forward
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow)
+    worker = threading.Thread(target=session.prefill, args=(list(range(5, 25)),))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(LocalseekError, match="running a step of another generation"):
+            session.prefill(list(range(40, 70)))
+    finally:
+        release.set()
+        worker.join()
+    assert session.tokens == list(range(5, 25))
