@@ -21,7 +21,7 @@ from localseek.convert.gguf_writer import write_gguf
 from localseek.model.moe import ReferenceExperts, route
 from localseek.offload import CPUExperts
 from localseek.quant import QTensor, linear
-from localseek.quant.cpu.kernels import ACT_SPAN_Q4_K, qmatmul
+from localseek.quant.cpu.kernels import act_span, qmatmul
 from localseek.quant.formats import FORMATS, random_blocks
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
 from localseek.quant.linear import grouped_linear, swiglu_linear
@@ -83,9 +83,9 @@ def test_random_blocks_are_valid_and_decode_like_gguf(qtype) -> None:
 
 
 def _int8_activations(x: torch.Tensor, qtype: str) -> torch.Tensor:
-    """x rounded as the fast path rounds it for qtype: int8 per 32 (Q4_K: per 256), scale
-    max|x| / 127 (float32 ops)."""
-    span = ACT_SPAN_Q4_K if qtype == "ggml_q4_k" else 32
+    """x rounded as the fast path rounds it for qtype: int8 per 32 (super-block formats per
+    256 where the kernels sum super-blocks in int32), scale max|x| / 127 (float32 ops)."""
+    span = act_span(FORMATS[qtype].cpu_code)
     xb = x.reshape(x.shape[0], -1, span)  # (T, in // span, span)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.full_like(amax, 127) / amax  # a true division, as the kernel's (127 / amax is
@@ -251,8 +251,9 @@ def test_gguf_model_with_cpu_experts(ftype, label, tmp_path, monkeypatch) -> Non
 
 def test_int8_path_without_vnni(tmp_path) -> None:
     """On a CPU without VNNI (numba told to compile for Haswell: AVX2, no VNNI, no AVX-512) the
-    int8 path takes vpmaddubsw (Q4_K: with its integer scales), two 32-byte pshufb for the
-    tables and signed IQ4 values, and gives the int8-rounded products there too."""
+    int8 path takes vpmaddubsw (super-blocks summed in int32 with their integer scales), two
+    32-byte pshufb for the tables and signed IQ4 values, and gives the int8-rounded products
+    there too."""
     script = textwrap.dedent(
         """
         import sys, torch
@@ -263,7 +264,9 @@ def test_int8_path_without_vnni(tmp_path) -> None:
         assert target_vnni() == 0, target_vnni()
         for qtype, shape in [("ggml_q8_0", (24, 288)), ("ggml_q4_0", (24, 288)),
                              ("ggml_q4_k", (24, 512)), ("ggml_q6_k", (24, 512)),
-                             ("ggml_iq4_xs", (24, 512)), ("ggml_mxfp4", (24, 288))]:
+                             ("ggml_q2_k", (24, 512)), ("ggml_q3_k", (24, 512)),
+                             ("ggml_q5_k", (24, 512)), ("ggml_iq4_xs", (24, 512)),
+                             ("ggml_mxfp4", (24, 288))]:
             (w,) = _random_weights(qtype, shape, 1, seed=1)
             dense = w.dequantize(torch.float32).double()
             for T in (1, 5):

@@ -47,10 +47,12 @@ from localseek.quant.cpu.rowdot import (
     I32,
     PF,
     IRGen,
+    avx2,
     dpbusd,
     nibbles,
-    q4k_scales,
+    q4k_scale_bytes,
     splat,
+    superblock_int_sums,
     target_features,
     target_vnni,
     vec,
@@ -208,11 +210,15 @@ def _block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, 
 
 
 def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, signed: bool):
-    """One 256-weight super-block: (four <64 x i8> code vectors, <16 x float> scales, mins);
+    """One 256-weight super-block: (four <64 x i8> code vectors, d, <16 x i16> integer scales
+    of the groups, <16 x float> mins), the groups' scales being d * the integer ones;
     ``signed``: IQ4_XS's codes are its signed table values and the mins None."""
     b = g.b
     at = lambda o: b.add(base, g.i64(o))  # noqa: E731
-    v16 = vec(F32, 16)
+    v16, i16 = vec(F32, 16), vec(I16, 16)
+
+    def scaled(d, s):  # d * s (<16 x i16>) as floats
+        return b.fmul(g.bcast(d, 16), b.sitofp(s, v16))
 
     def load8(o: int, n: int) -> ir.Value:
         return g.load(rowp, at(o), vec(I8, n), I8)
@@ -220,8 +226,8 @@ def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Valu
     chunks = []
     if fmt == FMT_Q6_K:  # ql[128], qh[64], int8 scales[16], d
         d = g.f16(rowp, at(208), lut)
-        sc = b.fmul(g.bcast(d, 16), b.sitofp(load8(192, 16), v16))
-        mn = b.fmul(sc, ir.Constant(v16, [32.0] * 16))
+        isc = b.sext(load8(192, 16), i16)
+        mn = b.fmul(scaled(d, isc), ir.Constant(v16, [32.0] * 16))
         for n in range(2):
             ql = load8(64 * n, 64)
             qh = _dup(b, load8(128 + 32 * n, 32))
@@ -229,29 +235,30 @@ def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Valu
                 lo = b.and_(ql, splat(I8, 64, 15)) if sub == 0 else b.lshr(ql, splat(I8, 64, 4))
                 hi = _shr16(b, qh, [4 * sub] * 16 + [4 * sub + 2] * 16)
                 chunks.append(b.or_(lo, _bits(b, hi, 3, 4)))
-        return chunks, sc, mn
+        return chunks, d, isc, mn
     if fmt == FMT_Q5_K:  # d, dmin, scales[12], qh[32], qs[128]
         d = g.f16(rowp, base, lut)
         dmin = g.f16(rowp, at(2), lut)
-        dsc, dm = q4k_scales(g, rowp, base, d, dmin)  # per 32
+        sc8, m8 = q4k_scale_bytes(g, rowp, base)  # per 32
+        dm = b.fmul(g.bcast(dmin, 8), b.uitofp(m8, vec(F32, 8)))
         qh = _dup(b, load8(16, 32))
         for a in range(4):
             nib = nibbles(b, load8(48 + 32 * a, 32))
             hi = _shr16(b, qh, [2 * a] * 16 + [2 * a + 1] * 16)
             chunks.append(b.or_(nib, _bits(b, hi, 1, 4)))
-        return chunks, _spread(b, dsc, 2), _spread(b, dm, 2)
+        return chunks, d, _spread(b, b.zext(sc8, vec(I16, 8)), 2), _spread(b, dm, 2)
     if fmt == FMT_Q2_K:  # scales[16], qs[64], d, dmin
         d = g.f16(rowp, at(80), lut)
         dmin = g.f16(rowp, at(82), lut)
         s = load8(0, 16)
-        sc = b.fmul(g.bcast(d, 16), b.uitofp(b.and_(s, splat(I8, 16, 15)), v16))
+        isc = b.zext(b.and_(s, splat(I8, 16, 15)), i16)
         mn = b.fmul(g.bcast(dmin, 16), b.uitofp(b.lshr(s, splat(I8, 16, 4)), v16))
         for c in range(4):
             n, j0 = c // 2, 2 * (c % 2)
             qs = _dup(b, load8(16 + 32 * n, 32))
             lo = _shr16(b, qs, [2 * j0] * 16 + [2 * j0 + 2] * 16)
             chunks.append(b.and_(lo, splat(I8, 64, 3)))
-        return chunks, sc, mn
+        return chunks, d, isc, mn
     if fmt == FMT_Q3_K:  # hmask[32], qs[64], scales[12], d
         d = g.f16(rowp, at(108), lut)
         lo = g.load(rowp, at(96), vec(I32, 2), I8)
@@ -265,8 +272,8 @@ def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Valu
             hk = b.and_(b.lshr(hi, _i32(2 * k)), _i32(0x03030303))
             high = b.insert_element(high, b.shl(hk, _i32(4)), _i32(k))
         s = b.sub(b.bitcast(b.or_(low, high), vec(I8, 16)), splat(I8, 16, 32))
-        sc = b.fmul(g.bcast(d, 16), b.sitofp(s, v16))
-        mn = b.fmul(sc, ir.Constant(v16, [4.0] * 16))
+        isc = b.sext(s, i16)
+        mn = b.fmul(scaled(d, isc), ir.Constant(v16, [4.0] * 16))
         hm = _dup(b, load8(0, 32))
         for c in range(4):
             n, j0 = c // 2, 2 * (c % 2)
@@ -275,7 +282,7 @@ def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Valu
             k0 = 4 * n + j0
             hb = _shr16(b, hm, [k0] * 16 + [k0 + 1] * 16)
             chunks.append(b.or_(low2, _bits(b, hb, 1, 2)))
-        return chunks, sc, mn
+        return chunks, d, isc, mn
     # IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]
     d = g.f16(rowp, base, lut)
     v8i = vec(I32, 8)
@@ -289,9 +296,8 @@ def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Valu
     ls = b.and_(b.lshr(bcast_i(sl), ir.Constant(v8i, [4 * i for i in range(8)])), splat(I32, 8, 15))
     hs = b.and_(b.lshr(bcast_i(sh), ir.Constant(v8i, [2 * i for i in range(8)])), splat(I32, 8, 3))
     s = b.sub(b.or_(ls, b.shl(hs, splat(I32, 8, 4))), splat(I32, 8, 32))
-    sc8 = b.fmul(g.bcast(d, 8), b.sitofp(s, vec(F32, 8)))
-    sc = _spread(b, sc8, 2)
-    mn = None if signed else b.fmul(sc, ir.Constant(v16, [128.0] * 16))
+    isc = _spread(b, b.trunc(s, vec(I16, 8)), 2)
+    mn = None if signed else b.fmul(scaled(d, isc), ir.Constant(v16, [128.0] * 16))
     table = list(IQ4_VALUES) if signed else [v + 128 for v in IQ4_VALUES]
     order = ir.Constant(vec(I32, 64), [*range(16), *range(16), *range(16, 32), *range(16, 32)])
     for c in range(4):  # blocks 2c and 2c + 1: 16 bytes each, low nibbles then high ones
@@ -299,32 +305,13 @@ def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Valu
         both = b.shuffle_vector(w, w, order)
         nib = b.and_(_shr16(b, both, ([0] * 8 + [4] * 8) * 2), splat(I8, 64, 15))
         chunks.append(_lookup(b, nib, table))
-    return chunks, sc, mn
+    return chunks, d, isc, mn
 
 
 def _abs(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     """|v| bytewise (vpabsb)."""
     zero = splat(I8, v.type.count, 0)
     return b.select(b.icmp_signed("<", v, zero), b.sub(zero, v), v)
-
-
-# the group (of 16 weights) in each lane of ``_group_sums``' result
-GROUP_ORDER = [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]
-
-
-def _group_sums(b: ir.IRBuilder, parts: list[ir.Value]) -> ir.Value:
-    """A super-block's four <16 x i32> products (lane i: 4 weights of group i // 4 of its 64)
-    -> <16 x i32> sums per group of 16, in the order GROUP_ORDER, by two rounds of AVX2's
-    phaddd (which adds pairs within each 128-bit half: 8 ymm -> 4 -> 2)."""
-    half = [ir.Constant(vec(I32, 8), list(range(o, o + 8))) for o in (0, 8)]
-    ymm = [b.shuffle_vector(p, p, h) for p in parts for h in half]  # groups (2k, 2k + 1) each
-
-    def hadd(u, v):
-        return _intrinsic2(b, "llvm.x86.avx2.phadd.d", u, v)
-
-    h = [hadd(ymm[i], ymm[i + 1]) for i in range(0, 8, 2)]
-    lo, hi = hadd(h[0], h[1]), hadd(h[2], h[3])
-    return b.shuffle_vector(lo, hi, ir.Constant(vec(I32, 16), list(range(16))))
 
 
 def _vec1(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
@@ -369,10 +356,9 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
     signed = fmt in (FMT_IQ4_NL, FMT_IQ4_XS) and not exact and not vnni
     signed = signed and "avx2" in target_features()
     max_w = 127 if signed else MAX_CODE[fmt]
-    # AVX2 without VNNI: a super-block's int32 products are summed per group of 16 in registers
-    # (``_group_sums``) before the float scales, 16 lanes a token instead of 64 (64 floats a
-    # token were 8 ymm of 16, and with 8 tokens the accumulators spilled on every product)
-    grouped = sb and not exact and not vnni and "avx2" in target_features()
+    # AVX2 without VNNI: a super-block sums in int32 with its integer scales (``int_unit``);
+    # the activations have one scale per 256 there (``kernels.act_span``)
+    int_sb = sb and not exact and superblock_int_sums()
 
     @intrinsic
     def rowdot(typingctx, w, r0, nr, x, t0, dx, xs, lut, out, o0):
@@ -404,10 +390,10 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
             # float accumulators, one per token and vector width: the products (a super-block
             # or a pair of blocks, and a lone last block), and the mins (per group)
             lane = 1 if exact else 4  # weights per product lane
-            widths = [16 if grouped else 256 // 4 // lane] if sb else [64 // lane, 32 // lane]
+            widths = [8 if int_sb else 256 // 4 // lane] if sb else [64 // lane, 32 // lane]
             prods, mins = (
                 {wd: [cgutils.alloca_once(b, vec(F32, wd)) for _ in range(nt)] for wd in table}
-                for table in (widths, [16] if sb else [2, 1])
+                for table in (widths, [] if int_sb else [16] if sb else [2, 1])
             )
 
             def unit(codes, sc, mn, gw: int, x0, dx_at, xs_at) -> None:
@@ -415,9 +401,6 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                 of ``gw`` weights; x0, dx_at, xs_at: its offsets in x, dx and xs."""
                 n_g = sc.type.count
                 mags = [_abs(b, cv) for cv in codes] if signed else codes
-                if grouped:
-                    grouped_unit(codes, mags, sc, mn, x0, dx_at, xs_at)
-                    return
                 for t in range(nt):
                     if mn is not None:
                         xsv = g.load(xsp, b.add(srow[t], xs_at), vec(F32, n_g), F32)
@@ -448,30 +431,48 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                         a = prods[lanes][t]
                         b.store(b.fadd(b.load(a), b.fmul(sj, p, flags=fm), flags=fm), a)
 
-            def grouped_unit(codes, mags, sc, mn, x0, dx_at, xs_at) -> None:
-                """A super-block on AVX2: per token, the 16 groups' int32 sums times their
-                scales (in ``_group_sums``' lane order) less the mins times the activation
-                sums, into one 16-lane accumulator (its lanes are summed at the end, so two
-                terms of different groups may share a lane)."""
-                sc_perm = b.shuffle_vector(sc, sc, ir.Constant(vec(I32, 16), GROUP_ORDER))
+            def int_unit(codes, d, isc, mn, x0, dx_at, xs_at) -> None:
+                """A super-block on AVX2 without VNNI, as llama.cpp's k-quant x q8_K: per 32
+                weights vpmaddubsw gives 16-bit pair sums (of two groups of 16), vpmaddwd
+                multiplies them by the groups' integer scales and adds pairs, so the
+                super-block's sum stays int32 and takes one conversion and one multiply-add
+                by d dx per token (dx: the activations' one scale per 256); the mins come
+                off in float, mn times the activations' sums per 16, into the same 8 lanes.
+                Bounds: a pair sum is at most 2 * 127 * 127 (IQ4's signed values; Q6_K's
+                codes reach 63), times a scale of at most 128 and summed over 256 weights
+                well inside int32. Halves of 32 bytes are the outer loop and tokens the inner
+                one, so one weight vector and its scales are live beside the tokens' sums."""
+                vb, vw, vd = vec(I8, 32), vec(I16, 16), vec(I32, 8)
+                isum = [ir.Constant(vd, [0] * 8)] * nt
+                for c, cv in enumerate(codes):
+                    for h in (0, 1):
+                        half = ir.Constant(vec(I32, 32), list(range(32 * h, 32 * h + 32)))
+                        code = b.shuffle_vector(cv, cv, half)
+                        mag = _abs(b, code) if signed else code
+                        j = 4 * c + 2 * h  # groups j and j + 1
+                        scv = b.shuffle_vector(
+                            isc, isc, ir.Constant(vec(I32, 16), [j] * 8 + [j + 1] * 8)
+                        )
+                        for t in range(nt):
+                            xo = b.add(xrow[t], b.add(x0, g.i64(64 * c + 32 * h)))
+                            xv = g.load(xp, xo, vb, I8)
+                            if signed:
+                                xv = _intrinsic2(b, "llvm.x86.avx2.psign.b", xv, code)
+                            pairs = avx2(b, "pmadd.ub.sw", vw, mag, xv)
+                            p = avx2(b, "pmadd.wd", vd, pairs, scv)
+                            isum[t] = b.add(isum[t], p)
+                v8 = vec(F32, 8)
+                lo8, hi8 = (ir.Constant(vec(I32, 8), list(range(o, o + 8))) for o in (0, 8))
                 for t in range(nt):
-                    dxv = g.load(dxp, b.add(brow[t], dx_at), vec(F32, 8), F32)
-                    dx_perm = b.shuffle_vector(
-                        dxv, dxv, ir.Constant(vec(I32, 16), [i // 2 for i in GROUP_ORDER])
-                    )
-                    parts = []
-                    for c, cv in enumerate(codes):
-                        xo = b.add(xrow[t], b.add(x0, g.i64(64 * c)))
-                        xv = g.load(xp, xo, vec(I8, 64), I8)
-                        if signed:
-                            xv = _sign(b, xv, cv)
-                        parts.append(dpbusd(b, mags[c], xv, vnni, max_w))
-                    sums = b.sitofp(_group_sums(b, parts), vec(F32, 16))
-                    a = prods[16][t]
-                    acc = b.fadd(b.load(a), b.fmul(b.fmul(sc_perm, dx_perm), sums, flags=fm))
+                    dx = b.load(b.gep(dxp, [b.add(brow[t], dx_at)], source_etype=F32))
+                    a = prods[8][t]
+                    acc = b.fmul(g.bcast(b.fmul(d, dx), 8), b.sitofp(isum[t], v8))
+                    acc = b.fadd(b.load(a), acc, flags=fm)
                     if mn is not None:
                         xsv = g.load(xsp, b.add(srow[t], xs_at), vec(F32, 16), F32)
-                        acc = b.fsub(acc, b.fmul(mn, xsv, flags=fm), flags=fm)
+                        m = b.fmul(mn, xsv)
+                        m8 = b.fadd(b.shuffle_vector(m, m, lo8), b.shuffle_vector(m, m, hi8))
+                        acc = b.fsub(acc, m8, flags=fm)
                     b.store(acc, a)
 
             def block(u):
@@ -489,9 +490,14 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                         base = b.mul(u, g.i64(bpu))
                         for o in range(0, bpu, 64):
                             g.prefetch(rowp, b.add(base, g.i64(PF + o)))
-                        codes, sc, mn = _superblock(g, fmt, rowp, base, lutp, signed)
+                        codes, d, isc, mn = _superblock(g, fmt, rowp, base, lutp, signed)
                         x0 = b.mul(u, g.i64(256))
-                        unit(codes, sc, mn, 16, x0, b.mul(u, g.i64(8)), b.mul(u, g.i64(16)))
+                        at = (x0, b.mul(u, g.i64(8)), b.mul(u, g.i64(16)))
+                        if int_sb:
+                            int_unit(codes, d, isc, mn, *at)
+                        else:
+                            sc = b.fmul(g.bcast(d, 16), b.sitofp(isc, vec(F32, 16)))
+                            unit(codes, sc, mn, 16, *at)
                 else:
                     with cgutils.for_range(b, b.sdiv(n_units, g.i64(2))) as loop:
                         u = b.mul(loop.index, g.i64(2))

@@ -32,7 +32,7 @@ import torch
 from numba import njit, prange
 
 from localseek.quant.cpu.codes import make_rowdot_codes, make_rowdot_float
-from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8, q4k_int_scales
+from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8, superblock_int_sums
 from localseek.quant.formats import (
     FIRST_CODES,
     FLOAT_CODES,
@@ -67,9 +67,10 @@ _STREAM_ROWS = 64  # rows of a streaming work item: longer runs of bytes (16 mea
 # half -> float32 and e4m3fn -> float32 for every bit pattern: exact, and cheap to index
 F16_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 FP8_LUT = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-# Q4_K's int8 activations share a scale per 256 (a super-block, like llama.cpp's q8_K) where
-# rowdot sums super-blocks in int32 (AVX2 without VNNI), else per 32 like the other formats
-ACT_SPAN_Q4_K = 256 if q4k_int_scales() else 32
+# the super-block formats' int8 activations share a scale per 256 (a super-block, llama.cpp's
+# q8_K) where the kernels sum super-blocks in int32 (AVX2 without VNNI), else per 32 like the
+# block formats' (``act_span``)
+ACT_SPAN_SUPERBLOCK = 256 if superblock_int_sums() else 32
 _TOKEN_BLOCK = 16  # tokens streamed per pass over a row chunk: (16, 7168) float32 is 458 KiB
 FASTMATH = {"contract", "reassoc"}  # float32 sums may be reordered and fused (still exact inputs)
 _RD1_Q8_0, _RD1_Q4_0, _RD1_Q4_K, _RD1_FP8 = (
@@ -317,17 +318,24 @@ def _code_group(fmt: int) -> int:
 
 
 @njit(cache=True)
+def act_span(fmt: int) -> int:
+    """Activations per int8 scale on the fast path for ``fmt``: ``ACT_SPAN_SUPERBLOCK`` for
+    the 256-weight super-block formats (Q2_K..Q6_K, IQ4_XS), 32 for the block formats."""
+    return ACT_SPAN_SUPERBLOCK if fmt == FMT_Q4_K or _code_group(fmt) == 16 else 32
+
+
+@njit(cache=True)
 def _quantize(fmt: int, x: np.ndarray):
-    """Activations (T, in) as int8 per 32 (scale max|x| / 127; Q4_K: one scale per
-    ``ACT_SPAN_Q4_K``, repeated per 32), for rowdot's int8 path.
+    """Activations (T, in) as int8 with one scale max|x| / 127 per ``act_span(fmt)``
+    (repeated per 32), for the int8 paths.
 
     Returns int8 (T, in) values in their natural order; float32 (T, in // 32) scales; float32
-    (T, in // 32) sums of the int8 values per 32 (Q4_K: times the scale)."""
+    (T, in // 32) sums of the int8 values per 32 (Q4_K and cpu.codes: times the scale)."""
     T, n = x.shape
     xq = np.zeros((T, n), dtype=np.int8)
     dx = np.zeros((T, n // 32), dtype=np.float32)
     xs = np.zeros((T, n // 32), dtype=np.float32)
-    span = ACT_SPAN_Q4_K if fmt == FMT_Q4_K else 32
+    span = act_span(fmt)
     # Q4_K's mins take the rounded activations too: the result is exact for them
     scaled = fmt == FMT_Q4_K or fmt >= FIRST_CODES
     for t in range(T):

@@ -361,12 +361,14 @@ def target_vnni() -> int:
     return 32 if "avxvnni" in on else 0
 
 
-def q4k_int_scales() -> bool:
-    """Whether Q4_K's int8 path sums super-blocks in int32 (``q4k_int_superblocks``): AVX2
-    without VNNI, where the float path's conversions per 32 weights bound prefill. It needs
-    activations with one scale per 256, which round worse than per 32 (on the demo model's
-    all-Q4_K file, next-token KL to exact 1.9e-3 against 1.2e-3; llama.cpp, per 256 too:
-    1.6e-3), so VNNI targets, fast without it, keep per 32."""
+def superblock_int_sums() -> bool:
+    """Whether the int8 paths sum a 256-weight super-block in int32 with its integer scales
+    (``q4k_int_superblocks``, and ``codes``' super-block formats): AVX2 without VNNI, where
+    float conversions and scale multiplies per 16 or 32 weights bound prefill. It needs
+    activations with one scale per 256 (llama.cpp's q8_K, which every k-quant and IQ4_XS
+    dot product of llama.cpp uses), which round worse than per 32 (on the demo model's
+    all-Q4_K file, next-token KL to exact 1.9e-3 against 1.2e-3; llama.cpp: 1.6e-3), so VNNI
+    targets, fast without it, keep per 32."""
     return not target_vnni() and "avx2" in target_features()
 
 
@@ -423,7 +425,8 @@ def dpbusd(b: ir.IRBuilder, w: ir.Value, x: ir.Value, vnni: int, max_w: int = 25
     return tot
 
 
-def _avx2(b: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value) -> ir.Value:
+def avx2(b: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value) -> ir.Value:
+    """The AVX2 intrinsic ``llvm.x86.avx2.<name>`` on args, returning ``ret``."""
     fn = cgutils.get_or_insert_function(
         b.module, ir.FunctionType(ret, [a.type for a in args]), f"llvm.x86.avx2.{name}"
     )
@@ -468,7 +471,7 @@ def q4k_int_superblocks(g, rowp, n_units, lutp, nt, xqp, xrow, dxp, xsp, brow, m
                 sc = b.shuffle_vector(sc16, sc16, ir.Constant(vec(I32, 16), [j] * 16))
                 for t in range(nt):
                     xv = g.load(xqp, b.add(xrow[t], b.add(x0, g.i64(32 * j))), vb, I8)
-                    p = _avx2(b, "pmadd.wd", vd, _avx2(b, "pmadd.ub.sw", vw, wk, xv), sc)
+                    p = avx2(b, "pmadd.wd", vd, avx2(b, "pmadd.ub.sw", vw, wk, xv), sc)
                     isum[t] = b.add(isum[t], p)
         sub = b.mul(u, g.i64(8))
         for t in range(nt):
@@ -495,7 +498,7 @@ def make_rowdot_i8(fmt: int, nt: int):
     wpu, bpu = QUNIT[fmt]
     vf = vec(F32, 8)
     vnni = target_vnni()
-    int_scales = fmt == FMT_Q4_K and q4k_int_scales()
+    int_scales = fmt == FMT_Q4_K and superblock_int_sums()
     fm = ("contract",)
     n_lanes = 16  # accumulator lanes: 64 weights per product
 
