@@ -68,7 +68,7 @@ def bench_file(path: Path, args: argparse.Namespace, command: str) -> dict:
         print(f"  {test.name:6s} {engine:9s} {label}", file=sys.stderr, flush=True)
 
     try:
-        engines.append(LlamaCppEngine(path, args.threads, ctx))
+        engines.append(LlamaCppEngine(path, args.threads, ctx, repack=not args.no_repack))
         results = run_tests(engines, tests, args.repetitions, model.config.vocab_size, on_run=show)
     finally:
         for e in engines:
@@ -101,6 +101,7 @@ def bench_file(path: Path, args: argparse.Namespace, command: str) -> dict:
         "layers": model.config.num_hidden_layers,
         "threads": args.threads,
         "exact": args.exact,
+        "llama_cpp_repack": not args.no_repack,
         "bytes_per_token": bytes_per_token,
         "load_average": list(psutil.getloadavg()),
         "openmp_env": {
@@ -149,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--tests", default="pp128,pp512,tg64,tg128", help="comma-separated test names")
     p.add_argument("--exact", action="store_true", help="localseek with float32 activations")
+    p.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="llama.cpp without its CPU weight repacking (its --no-repack: where that crashes)",
+    )
     p.add_argument(
         "--out", type=Path, help="JSON path, with --model (default: benchmarks/results/...)"
     )

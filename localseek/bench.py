@@ -114,21 +114,45 @@ class LocalseekEngine:
         pass
 
 
+def llama_cpp_model(path: str | Path, repack: bool = True, **kw):
+    """``llama_cpp.Llama(path, **kw)``; ``repack=False`` is llama.cpp's ``--no-repack`` (no CPU
+    extra buffer types: no online weight repacking, no AMX). On AVX-512 / AMX builds of
+    llama-cpp-python 0.3.36 the repacked Q8_0 tensors of deepseek2 files abort the process
+    (GGML_ASSERT(*cur_backend_id != -1) at load) or crash in the first batch."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as capi
+
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = repack
+        return p
+
+    capi.llama_model_default_params = params  # Llama() takes no argument for it
+    try:
+        return llama_cpp.Llama(str(path), **kw)
+    finally:
+        capi.llama_model_default_params = default
+
+
 class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python on the same GGUF, CPU only, with the same threads."""
+    """llama.cpp through llama-cpp-python on the same GGUF, CPU only, with the same threads;
+    ``repack``: its CPU weight repacking (on by default in llama.cpp, as users run it)."""
 
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, threads: int, n_ctx: int) -> None:
+    def __init__(self, path: str | Path, threads: int, n_ctx: int, repack: bool = True) -> None:
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401
         except ImportError as e:
             raise LocalseekError(
                 "--vs llama.cpp needs llama-cpp-python (pip install 'localseek[peer]')."
             ) from e
         try:
-            self.llm = llama_cpp.Llama(
-                str(path),
+            self.llm = llama_cpp_model(
+                path,
+                repack,
                 n_ctx=n_ctx,
                 n_batch=2048,  # llama-bench's defaults
                 n_ubatch=512,

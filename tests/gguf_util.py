@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from localseek.bench import llama_cpp_model
 from localseek.demo import write_bpe_tokenizer
 
 VOCAB = 320
@@ -29,34 +30,12 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def llama(path: Path, **kw):
-    import llama_cpp
-    import llama_cpp.llama_cpp as capi
-
-    default = capi.llama_model_default_params
-
-    def without_repack():
-        # llama.cpp's CPU weight repacking (AVX-512 / AMX builds) claims the Q8_0 tensors whose
-        # 3-D attn_v_b op then has no backend: GGML_ASSERT(*cur_backend_id != -1) aborts the
-        # whole test run. The reference is llama.cpp's plain CPU path (its --no-repack).
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    capi.llama_model_default_params = without_repack  # Llama() has no argument for it
-    try:
-        # F32 KV cache: llama.cpp's default F16 cache alone costs ~1e-3 relative
-        return llama_cpp.Llama(
-            str(path),
-            logits_all=True,
-            n_ctx=64,
-            n_threads=2,
-            verbose=False,
-            type_k=0,
-            type_v=0,
-            **kw,
-        )
-    finally:
-        capi.llama_model_default_params = default
+    # without llama.cpp's CPU weight repacking: on AVX-512 / AMX builds it aborts the whole test
+    # run on these files (see llama_cpp_model); the reference is llama.cpp's plain CPU path.
+    # F32 KV cache: llama.cpp's default F16 cache alone costs ~1e-3 relative
+    return llama_cpp_model(
+        path, False, logits_all=True, n_ctx=64, n_threads=2, verbose=False, type_k=0, type_v=0, **kw
+    )
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:

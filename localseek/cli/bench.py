@@ -43,6 +43,11 @@ def setup_arg_parser(p: argparse.ArgumentParser) -> None:
         "-r", "--repetitions", type=positive_int, default=5, help="counted runs per test"
     )
     p.add_argument("--vs", choices=PEERS, help="also run this engine on the same GGUF file")
+    p.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="with --vs llama.cpp: without its CPU weight repacking (llama.cpp's --no-repack)",
+    )
     p.add_argument("--json", metavar="F", help="write the results as a JSON list of rows to F")
 
 
@@ -87,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     engines: list[Engine] = [LocalseekEngine(model)]
     if args.vs == "llama.cpp":
-        engines.append(LlamaCppEngine(model.path, threads, args.ctx))
+        engines.append(LlamaCppEngine(model.path, threads, args.ctx, repack=not args.no_repack))
     try:
         results = _run_with_progress(engines, tests, args.repetitions, model.config.vocab_size, err)
     finally:
