@@ -155,3 +155,16 @@ def test_unknown_layer_type_scoring_or_rate_is_one_sentence(tmp_path, change, wo
         localseek.load(tmp_path)
     msg = str(e.value)
     assert all(w in msg for w in words) and msg.count(".") <= 2 and "\n" not in msg
+
+
+def test_inspect_shows_the_layer_schedule(v4_model):
+    from localseek.inspect import summarize
+
+    path, ref, _, _, _ = v4_model
+    with open_checkpoint(path) as ckpt:
+        info = summarize(ckpt)
+    short = {"sliding_attention": "SWA", "compressed_sparse_attention": "CSA/4"}
+    short["heavily_compressed_attention"] = "HCA/128"
+    types = zip(ref.config.layer_types, ref.config.mlp_layer_types, strict=True)
+    want = [f"{short[a]} {m}" for a, m in types]
+    assert info["architecture"] == "deepseek_v4" and info["layer_schedule"] == want
