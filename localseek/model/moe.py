@@ -11,6 +11,7 @@ from torch import nn
 
 from localseek.config import ModelConfig
 from localseek.model.norm import NUMBA_ROWS
+from localseek.model.variants import variant
 from localseek.quant import Weight, linear
 from localseek.quant.linear import swiglu_linear
 
@@ -73,7 +74,7 @@ def route(
         choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(N, E)
     topk_ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
     weights = scores.gather(1, topk_ids)
-    if cfg.variant.v2_weight_rule:
+    if variant(cfg.model_type).v2_weight_rule:
         # V2 scales only when it does not normalise (its modeling code's rule).
         if cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -171,7 +172,7 @@ class MoE(nn.Module):
                 method,
                 cfg.num_experts_per_tok,
                 cfg.norm_topk_prob,
-                cfg.variant.v2_weight_rule,
+                variant(cfg.model_type).v2_weight_rule,
                 cfg.routed_scaling_factor,
             )
         return route(F.linear(flat.float(), gate), bias, self.cfg)
