@@ -15,11 +15,6 @@ from typing import Any
 
 from localseek.errors import CheckpointError
 
-SUPPORTED_ARCHITECTURES = {
-    "DeepseekV2ForCausalLM": "deepseek_v2",
-    "DeepseekV3ForCausalLM": "deepseek_v3",
-}
-
 
 @dataclass(frozen=True)
 class YarnScaling:
@@ -96,6 +91,13 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def variant(self):
+        """This model's entry in the variant registry (``localseek.model.variants``)."""
+        from localseek.model.variants import variant
+
+        return variant(self.model_type)
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
@@ -128,7 +130,13 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a Hugging Face config dict; unknown keys are ignored."""
-        model_type = _model_type(raw, source)
+        from localseek.model.variants import model_type_of
+
+        model_type = model_type_of(raw, source)
+        if model_type not in ("deepseek_v2", "deepseek_v3"):
+            raise CheckpointError(
+                f"{source}: {model_type} is not an MLA model (ModelConfig is V2/V3's config)."
+            )
         v3 = model_type == "deepseek_v3"
 
         def need(key: str) -> Any:
@@ -173,10 +181,10 @@ class ModelConfig:
             qk_rope_head_dim=int(need("qk_rope_head_dim")),
             v_head_dim=int(need("v_head_dim")),
             rope_theta=float(_rope_field(raw, "rope_theta", 10000.0)),
-            rope_scaling=_yarn_from_hf(raw, source),
+            rope_scaling=yarn_from_hf(raw, source),
             num_nextn_predict_layers=int(get("num_nextn_predict_layers", 0)),
             bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=_first_id(raw.get("eos_token_id")),
+            eos_token_id=first_id(raw.get("eos_token_id")),
             extra={"quantization_config": raw.get("quantization_config")},
         )
         cfg.validate(source)
@@ -237,22 +245,7 @@ class ModelConfig:
         return d
 
 
-def _model_type(raw: dict[str, Any], source: str) -> str:
-    archs = raw.get("architectures") or []
-    for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES:
-            return SUPPORTED_ARCHITECTURES[arch]
-    model_type = raw.get("model_type")
-    if not archs and model_type in SUPPORTED_ARCHITECTURES.values():
-        return model_type
-    found = ", ".join(archs) if archs else f"model_type '{model_type}'"
-    supported = ", ".join(SUPPORTED_ARCHITECTURES)
-    raise CheckpointError(
-        f"{source}: architecture {found} is not supported (localseek runs {supported})."
-    )
-
-
-def _first_id(value: Any) -> int | None:
+def first_id(value: Any) -> int | None:
     if isinstance(value, list):
         return int(value[0]) if value else None
     return None if value is None else int(value)
@@ -276,7 +269,7 @@ def _rope_field(raw: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def _yarn_from_hf(raw: dict[str, Any], source: str) -> YarnScaling | None:
+def yarn_from_hf(raw: dict[str, Any], source: str) -> YarnScaling | None:
     params = _rope_params(raw)
     if not params:
         return None

@@ -97,7 +97,7 @@ def plan_placement(
             sizes[f"layers.{layer}.{_EXPERT}0.w1"] = expert_bytes(spec)
         usage = ExpertUsage.load(stats, cfg) if stats else None
         itemsize = torch.empty((), dtype=dtype).element_size()
-        kv = KVCache.bytes_per_token(cfg, dtype) * ctx
+        kv = cfg.variant.cache_bytes_per_token(cfg, dtype) * ctx
         scratch = scratch_bytes(cfg, ctx, itemsize)
         plan = make_plan(cfg, sizes, gpu_mem, ram, ctx, kv, scratch, usage, str(ckpt.path))
     except BaseException:
@@ -181,6 +181,11 @@ class Model:
         self.plan: Plan | None = None
         self.holds_checkpoint = False
         if options.offload:
+            if not cfg.variant.offload:
+                raise LocalseekError(
+                    f"{checkpoint.path}: offload (--gpu-mem / --ram) does not run "
+                    f"{cfg.model_type} models yet; load it without them."
+                )
             self._load_tiered(checkpoint)
             return
         weights = self._load_weights(checkpoint)
@@ -192,8 +197,13 @@ class Model:
                 for e in range(cfg.n_routed_experts)
             ]
         # quantized experts on the CPU run in the numba kernels; dense ones stay on the reference
-        self.experts = expert_executor(experts, exact=options.exact)
-        self.net = Transformer(cfg, weights, self.experts, self.ctx, options.device, options.exact)
+        if cfg.variant.experts is None:
+            self.experts = expert_executor(experts, exact=options.exact)
+        else:
+            self.experts = cfg.variant.experts(cfg, experts, options.exact)
+        self.net = cfg.variant.network(
+            cfg, weights, self.experts, self.ctx, options.device, options.exact
+        )
         self.net.eval()
 
     def _load_tiered(self, ckpt: Checkpoint) -> None:
@@ -272,7 +282,7 @@ class Model:
         shapes = expected_shapes(self.config) if shapes is None else shapes
         shapes = {**shapes, **_split_wkv_b(ckpt, opts.device)}
         need = sum(_kept_nbytes(ckpt, n, s, opts.dtype) for n, s in shapes.items())
-        need += KVCache.bytes_per_token(self.config, opts.dtype) * self.ctx
+        need += self.config.variant.cache_bytes_per_token(self.config, opts.dtype) * self.ctx
         available = psutil.virtual_memory().available
         if check and opts.device.type == "cpu" and need > available:
             raise LocalseekError(
@@ -299,6 +309,8 @@ class Model:
             if name == "embed":  # gathered by row, never multiplied: keep it dense
                 return t.dequantize(opts.dtype).to(opts.device)
             return t.to(opts.device)
+        if not t.is_floating_point():  # tables (V4's tid2eid)
+            return t.to(opts.device)
         return t.to(device=opts.device, dtype=opts.dtype)
 
     # --- running -----------------------------------------------------------------------------
@@ -321,7 +333,7 @@ class Model:
         return ids
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(
+        return self.config.variant.cache(
             self.config, batch, max_len or self.ctx, self.options.device, self.options.dtype
         )
 

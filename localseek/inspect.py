@@ -42,7 +42,9 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         if routed_total
         else 0
     )
+    schedule = getattr(cfg, "layer_schedule", None)  # V4: attention and MoE type per layer
     return {
+        **({"layer_schedule": schedule} if schedule is not None else {}),
         "path": str(ckpt.path),
         "architecture": cfg.model_type,
         "config": cfg.to_dict(),

@@ -95,6 +95,7 @@ class Session:
         with self._step():
             self._owner = owner
             n = min(common_prefix(self.tokens, ids), len(ids) - 1)
+            n = self.cache.keep(n)  # a V4 cache keeps all it holds or nothing
             del self.tokens[n:]  # before the forward: interrupted, the cache still holds tokens
             logits = self.model.forward(torch.tensor([ids[n:]]), n, self.cache, last_only=True)
             self.tokens.extend(ids[n:])

@@ -106,7 +106,12 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def iter_expected_shapes(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """``expected_shapes`` one (name, shape) at a time, layer by layer."""
+    """``expected_shapes`` one (name, shape) at a time, layer by layer (the variant's list)."""
+    return cfg.variant.shapes(cfg)
+
+
+def iter_mla_shapes(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """The MLA family's (V2, V3) canonical tensors, layer by layer."""
     D = cfg.hidden_size
     yield "embed", (cfg.vocab_size, D)
     yield "norm", (D,)
@@ -150,6 +155,11 @@ def _layer_shapes(cfg: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
 
 
 def optional_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical tensors a checkpoint may hold besides ``expected_shapes`` (the variant's)."""
+    return cfg.variant.optional_shapes(cfg)
+
+
+def mla_optional_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Canonical tensors a checkpoint may hold besides ``expected_shapes``: wkv_b split per
     head as llama.cpp's MLA files store it, ``wk_b`` = W_UK transposed (H * kv_lora_rank,
     nope) and ``wv_b`` = W_UV (H * v, kv_lora_rank), which the absorbed decode multiplies

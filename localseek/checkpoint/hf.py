@@ -18,8 +18,13 @@ from safetensors import SafetensorError, safe_open
 from localseek.checkpoint.base import Checkpoint, FileTensor
 from localseek.config import ModelConfig
 from localseek.errors import CheckpointError
+from localseek.model.variants import load_config
 from localseek.quant import QTensor, Weight
+from localseek.quant.formats import FORMATS
 from localseek.quant.fp8 import FP8_BLOCK, FP8_QTYPE, fp8_scale_shape
+
+MXFP4_QTYPE = "ggml_mxfp4"
+MXFP4_BLOCK = FORMATS[MXFP4_QTYPE].block
 
 _MLP = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _ATTN = {
@@ -68,40 +73,17 @@ HF_NAME_TABLE: list[tuple[re.Pattern[str], str]] = [
         ],
     ]
 ]
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+# where a weight's block scales are: DeepSeek-V3's "<name>_scale_inv", V4's "<stem>.scale"
 _SCALE_SUFFIX = "_scale_inv"
-
-
-# the inverse: canonical template (regex) -> Hugging Face name with {0}, {1} for the numbers
-_CANONICAL_TABLE: list[tuple[re.Pattern[str], str]] = [
-    (
-        re.compile(re.escape(repl).replace(r"\\1", r"(\d+)").replace(r"\\2", r"(\d+)")),
-        pattern.pattern.replace("\\.", ".").replace(r"(\d+)", "{}"),
-    )
-    for pattern, repl in HF_NAME_TABLE
-]
-
-
-def canonical_name(hf_name: str) -> str | None:
-    for pattern, repl in HF_NAME_TABLE:
-        if pattern.fullmatch(hf_name):
-            return pattern.sub(repl, hf_name)
-    return None
-
-
-def hf_name_of(name: str) -> str | None:
-    """The Hugging Face name of a canonical tensor name, or None."""
-    for pattern, hf in _CANONICAL_TABLE:
-        m = pattern.fullmatch(name)
-        if m is not None:
-            return hf.format(*m.groups())
-    return None
+_V4_SCALE = ".scale"
 
 
 class HFCheckpoint(Checkpoint):
     def __init__(self, path: Path):
         self.path = path
-        self.config = ModelConfig.from_json_file(path / "config.json")
+        self.config: ModelConfig = load_config(path / "config.json")
+        self.variant = self.config.variant
         self._check_quantization(self.config.extra.get("quantization_config"))
         self._files: dict[Path, Any] = {}
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
@@ -153,10 +135,13 @@ class HFCheckpoint(Checkpoint):
                 if hf_name.endswith(_SCALE_SUFFIX):
                     self._scales[hf_name[: -len(_SCALE_SUFFIX)]] = hf_name
                     continue
+                if hf_name.endswith(_V4_SCALE):
+                    self._scales[hf_name[: -len(_V4_SCALE)] + ".weight"] = hf_name
+                    continue
                 layer = _LAYER.match(hf_name)
                 if layer and int(layer.group(1)) >= n_layers:
                     continue  # multi-token-prediction layers: not used for inference
-                name = canonical_name(hf_name)
+                name = self.variant.canonical_name(hf_name)
                 if name is not None:
                     self._where[name] = (shard, hf_name)
         experts = [hf for c, (_, hf) in self._where.items() if ".ffn.experts." in c]
@@ -172,11 +157,11 @@ class HFCheckpoint(Checkpoint):
     def describe(self, name: str) -> str:
         if name in self._where:
             return self._where[name][1]
-        return hf_name_of(name) or name
+        return self.variant.hf_name_of(name) or name
 
     def file_tensors(self) -> list[FileTensor]:
         return [
-            FileTensor(name, entry["dtype"], end - begin, ".mlp.experts." in name)
+            FileTensor(name, entry["dtype"], end - begin, ".experts." in name)
             for _, entries in self._headers.values()
             for name, entry in entries.items()
             if name != "__metadata__"
@@ -188,7 +173,21 @@ class HFCheckpoint(Checkpoint):
 
     def shape(self, name: str) -> tuple[int, ...]:
         shard, hf_name = self._where[name]
-        return tuple(self._slice(hf_name, shard).get_shape())
+        s = self._slice(hf_name, shard)
+        shape = tuple(s.get_shape())
+        if s.get_dtype() in ("I8", "U8") and self._fp4_scale(hf_name, shape) is not None:
+            return (shape[0], 2 * shape[1])  # FP4 packed two per byte
+        return shape
+
+    def _fp4_scale(self, hf_name: str, packed: tuple[int, ...]) -> Any | None:
+        """The e8m0 scale slice of an FP4 weight stored as bytes, if it is one."""
+        scale_name = self._scales.get(hf_name)
+        if scale_name is None or len(packed) != 2:
+            return None
+        scale = self._scale_slice(scale_name)
+        if tuple(scale.get_shape()) == (packed[0], 2 * packed[1] // MXFP4_BLOCK):
+            return scale
+        return None
 
     def storage_type(self, name: str) -> str:
         shard, hf_name = self._where[name]
@@ -210,12 +209,20 @@ class HFCheckpoint(Checkpoint):
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> Weight:
         shard, hf_name = self._where[name]
-        stored = _DTYPES.get(self._slice(hf_name, shard).get_dtype())
+        file_dtype = self._slice(hf_name, shard).get_dtype()
+        if file_dtype == "F4" or (
+            file_dtype in ("I8", "U8")
+            and self.shape(name) != tuple(self._slice(hf_name, shard).get_shape())
+        ):
+            return self._fp4(hf_name, self._get(shard, hf_name))
+        if file_dtype in _INT_DTYPES:  # tables (tid2eid): never converted
+            return self._get(shard, hf_name)
+        stored = _DTYPES.get(file_dtype)
         if stored is None:
             raise CheckpointError(
                 f"{shard}: tensor '{hf_name}' has dtype "
                 f"{self._slice(hf_name, shard).get_dtype()}; localseek reads "
-                "F32, F16, BF16 and F8_E4M3."
+                "F32, F16, BF16, F8_E4M3 and F4 (with an e8m0 scale per 32)."
             )
         if stored == torch.float8_e4m3fn:
             return self._fp8(hf_name, self._get(shard, hf_name))
@@ -272,7 +279,24 @@ class HFCheckpoint(Checkpoint):
                 f"a {tuple(data.shape)} weight in {FP8_BLOCK}x{FP8_BLOCK} "
                 f"blocks needs {want}."
             )
-        return QTensor(FP8_QTYPE, tuple(data.shape), data, scale.to(torch.float32))
+        return QTensor(FP8_QTYPE, tuple(data.shape), data, _scale_float(scale))
+
+    def _fp4(self, hf_name: str, data: torch.Tensor) -> QTensor:
+        """An FP4 e2m1 weight (two per byte, element 2i in the low nibble) with one e8m0
+        exponent per 32, repacked losslessly into ggml's MXFP4 blocks, which the kernels run
+        from: per 32 values the exponent byte, then 16 bytes holding values j and j + 16."""
+        packed = data.view(torch.uint8)
+        rows, half = packed.shape
+        scale_name = self._scales.get(hf_name)
+        want = (rows, 2 * half // MXFP4_BLOCK)
+        scale = None if scale_name is None else self._scale_slice(scale_name)[:]
+        if scale is None or tuple(scale.shape) != want:
+            got = "none" if scale is None else tuple(scale.shape)
+            raise CheckpointError(
+                f"{self.path}: FP4 tensor '{hf_name}' needs a {want} e8m0 scale "
+                f"('{hf_name[: -len('.weight')]}.scale'), found {got}."
+            )
+        return QTensor(MXFP4_QTYPE, (rows, 2 * half), mxfp4_blocks(packed, scale.view(torch.uint8)))
 
     def tokenizer_dir(self) -> Path | None:
         return self.path if (self.path / "tokenizer.json").is_file() else None
@@ -283,7 +307,26 @@ class HFCheckpoint(Checkpoint):
         self._buf = None
 
 
+def _scale_float(scale: torch.Tensor) -> torch.Tensor:
+    """Block scales as float32: V3's are float32 already, V4's e8m0 (a power of two each)."""
+    if scale.dtype == torch.uint8:
+        return torch.exp2(scale.float() - 127.0)
+    return scale.to(torch.float32)
+
+
+def mxfp4_blocks(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 (rows, cols / 2) FP4 codes + uint8 (rows, cols / 32) e8m0 exponents -> ggml MXFP4
+    blocks uint8 (rows, cols / 32 * 17). The codes index the same table; bits only move."""
+    rows, half = packed.shape
+    n = 2 * half // MXFP4_BLOCK
+    src = packed.reshape(rows, n, 16)
+    vals = torch.stack((src & 0x0F, src >> 4), dim=-1).reshape(rows, n, 32)  # in order
+    codes = vals[..., :16] | (vals[..., 16:] << 4)
+    return torch.cat([scale.reshape(rows, n, 1), codes], dim=-1).reshape(rows, n * 17)
+
+
 _CHUNK_BYTES = 4 << 20
+_INT_DTYPES = ("I64", "I32", "I16", "U8", "I8")
 _DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
@@ -346,11 +389,14 @@ def _slice_nbytes(s: Any) -> int:
     n = 1
     for d in s.get_shape():
         n *= d
+    if s.get_dtype() == "F4":
+        return n // 2
     itemsize = {
         "F32": 4,
         "F16": 2,
         "BF16": 2,
         "F8_E4M3": 1,
+        "F8_E8M0": 1,
         "F64": 8,
         "I64": 8,
         "I32": 4,

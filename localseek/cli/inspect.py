@@ -34,26 +34,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     cfg = info["config"]
     arch = Table(title=f"{info['path']}", show_header=False)
-    rows = [
-        ("architecture", info["architecture"]),
-        ("layers", f"{info['layers']} ({info['dense_layers']} dense, {info['moe_layers']} MoE)"),
-        ("hidden size", cfg["hidden_size"]),
-        ("attention heads", cfg["num_attention_heads"]),
-        ("q_lora_rank / kv_lora_rank", f"{cfg['q_lora_rank']} / {cfg['kv_lora_rank']}"),
-        (
-            "qk nope / rope / v head dims",
-            f"{cfg['qk_nope_head_dim']} / {cfg['qk_rope_head_dim']} / {cfg['v_head_dim']}",
-        ),
-        (
-            "routed experts",
-            f"{info['routed_experts_per_layer']} per layer, {info['experts_per_token']} per token",
-        ),
-        ("shared experts", info["shared_experts"]),
-        (
-            "routing",
-            f"{cfg['scoring_func']}, {cfg['n_group']} groups keep {cfg['topk_group']}, "
-            f"scale {cfg['routed_scaling_factor']}",
-        ),
+    rows = _v4_rows(info, cfg) if "layer_schedule" in info else _mla_rows(info, cfg)
+    rows += [
         ("vocab", cfg["vocab_size"]),
         ("tensors", info["tensors"]),
         ("total size", _size(info["total_bytes"])),
@@ -77,3 +59,53 @@ def main(args: argparse.Namespace) -> int:
     reads.add_row("total", _size(per["total"]), style="bold")
     console.print(reads)
     return 0
+
+
+def _mla_rows(info: dict, cfg: dict) -> list[tuple[str, object]]:
+    return [
+        ("architecture", info["architecture"]),
+        ("layers", f"{info['layers']} ({info['dense_layers']} dense, {info['moe_layers']} MoE)"),
+        ("hidden size", cfg["hidden_size"]),
+        ("attention heads", cfg["num_attention_heads"]),
+        ("q_lora_rank / kv_lora_rank", f"{cfg['q_lora_rank']} / {cfg['kv_lora_rank']}"),
+        (
+            "qk nope / rope / v head dims",
+            f"{cfg['qk_nope_head_dim']} / {cfg['qk_rope_head_dim']} / {cfg['v_head_dim']}",
+        ),
+        (
+            "routed experts",
+            f"{info['routed_experts_per_layer']} per layer, {info['experts_per_token']} per token",
+        ),
+        ("shared experts", info["shared_experts"]),
+        (
+            "routing",
+            f"{cfg['scoring_func']}, {cfg['n_group']} groups keep {cfg['topk_group']}, "
+            f"scale {cfg['routed_scaling_factor']}",
+        ),
+    ]
+
+
+def _v4_rows(info: dict, cfg: dict) -> list[tuple[str, object]]:
+    """DeepSeek-V4: attention and MoE type per layer, and what the attention is made of."""
+    return [
+        ("architecture", info["architecture"]),
+        ("layers", info["layers"]),
+        *[(f"  layer {i}", kind) for i, kind in enumerate(info["layer_schedule"])],
+        ("hidden size / hc streams", f"{cfg['hidden_size']} / {cfg['hc_mult']}"),
+        (
+            "attention",
+            f"{cfg['num_attention_heads']} heads x {cfg['head_dim']} (rope "
+            f"{cfg['qk_rope_head_dim']}), window {cfg['sliding_window']}, q_lora "
+            f"{cfg['q_lora_rank']}, {cfg['o_groups']} output groups x {cfg['o_lora_rank']}",
+        ),
+        (
+            "indexer",
+            f"{cfg['index_n_heads']} heads x {cfg['index_head_dim']}, top {cfg['index_topk']}",
+        ),
+        (
+            "routed experts",
+            f"{info['routed_experts_per_layer']} per layer, {info['experts_per_token']} per token",
+        ),
+        ("shared experts", info["shared_experts"]),
+        ("routing", f"{cfg['scoring_func']}, scale {cfg['routed_scaling_factor']}"),
+    ]

@@ -232,7 +232,7 @@ def write_config(w: GGUFWriter, cfg: ModelConfig, mla: bool) -> None:
     w.add_expert_shared_count(cfg.n_shared_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     # llama.cpp normalises, then scales; V2's rule is "scale only when not normalising".
-    v2_norm = cfg.model_type == "deepseek_v2" and cfg.norm_topk_prob
+    v2_norm = cfg.variant.v2_weight_rule and cfg.norm_topk_prob
     w.add_expert_weights_scale(1.0 if v2_norm else cfg.routed_scaling_factor)
     w.add_expert_weights_norm(cfg.norm_topk_prob)
     gating = GATING_SIGMOID if cfg.scoring_func == "sigmoid" else GATING_SOFTMAX

@@ -415,8 +415,7 @@ def _config_from_model(ckpt: Checkpoint) -> dict:
     """An HF config.json for a source without one (a GGUF file)."""
     cfg = ckpt.config
     raw = cfg.to_dict()
-    v3 = cfg.model_type == "deepseek_v3"
-    raw["architectures"] = ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"]
+    raw["architectures"] = list(cfg.variant.architectures)
     raw["num_key_value_heads"] = cfg.num_attention_heads
     ys = raw.pop("rope_scaling", None)
     if ys is not None:

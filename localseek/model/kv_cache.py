@@ -30,6 +30,10 @@ class KVCache:
             got = self._arrays[layer] = (self.kv[layer, 0].numpy(), self.pe[layer, 0].numpy())
         return got
 
+    def keep(self, n: int) -> int:
+        """Forget the positions from ``n`` on (the next forward overwrites them); returns n."""
+        return n
+
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()

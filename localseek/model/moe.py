@@ -11,20 +11,40 @@ from torch import nn
 
 from localseek.config import ModelConfig
 from localseek.model.norm import NUMBA_ROWS
+from localseek.model.variants import variant
 from localseek.quant import Weight, linear
 from localseek.quant.linear import swiglu_linear
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense layers and shared experts."""
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Dense layers and shared experts.
 
-    def __init__(self, w1: Weight, w2: Weight, w3: Weight, exact: bool = True):
+    swiglu_limit (V4): gate clamped to at most the limit, up to [-limit, limit], before the
+    product; 0 means no clamp."""
+
+    def __init__(
+        self, w1: Weight, w2: Weight, w3: Weight, exact: bool = True, swiglu_limit: float = 0.0
+    ):
         super().__init__()
         self.w1, self.w2, self.w3 = w1, w2, w3
         self.exact = exact
+        self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(swiglu_linear(x, self.w1, self.w3, self.exact), self.w2, self.exact)
+        if self.swiglu_limit:
+            h = clamped_swiglu(x, self.w1, self.w3, self.swiglu_limit, self.exact)
+        else:
+            h = swiglu_linear(x, self.w1, self.w3, self.exact)
+        return linear(h, self.w2, self.exact)
+
+
+def clamped_swiglu(
+    x: torch.Tensor, w1: Weight, w3: Weight, limit: float, exact: bool = True
+) -> torch.Tensor:
+    """silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit): V4's SwiGLU."""
+    gate = linear(x, w1, exact).clamp(max=limit)
+    up = linear(x, w3, exact).clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
 
 
 def route(
@@ -54,7 +74,7 @@ def route(
         choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(N, E)
     topk_ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
     weights = scores.gather(1, topk_ids)
-    if cfg.model_type == "deepseek_v2":
+    if variant(cfg.model_type).v2_weight_rule:
         # V2 scales only when it does not normalise (its modeling code's rule).
         if cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -78,8 +98,15 @@ class Experts(Protocol):
 class ReferenceExperts:
     """All routed experts as dense per-expert weights; runs only experts that got tokens."""
 
-    def __init__(self, weights: dict[int, list[tuple[Weight, Weight, Weight]]]):
+    def __init__(
+        self,
+        weights: dict[int, list[tuple[Weight, Weight, Weight]]],
+        swiglu_limit: float = 0.0,
+        exact: bool = True,
+    ):
         self.weights = weights  # layer -> [(w1, w2, w3) per expert]
+        self.swiglu_limit = swiglu_limit  # V4 clamps gate and up (0: no clamp)
+        self.exact = exact
 
     def __call__(
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -93,7 +120,11 @@ class ReferenceExperts:
             token, slot = torch.where(topk_ids == e)
             w1, w2, w3 = experts[e]
             xe = x[token]
-            out = linear(F.silu(linear(xe, w1)) * linear(xe, w3), w2)
+            if self.swiglu_limit:
+                h = clamped_swiglu(xe, w1, w3, self.swiglu_limit, self.exact)
+            else:
+                h = F.silu(linear(xe, w1)) * linear(xe, w3)
+            out = linear(h, w2, self.exact)
             y.index_add_(0, token, out * topk_weights[token, slot, None].to(out.dtype))
         return y
 
@@ -141,7 +172,7 @@ class MoE(nn.Module):
                 method,
                 cfg.num_experts_per_tok,
                 cfg.norm_topk_prob,
-                cfg.model_type == "deepseek_v2",
+                variant(cfg.model_type).v2_weight_rule,
                 cfg.routed_scaling_factor,
             )
         return route(F.linear(flat.float(), gate), bias, self.cfg)
