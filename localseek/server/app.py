@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,15 +56,20 @@ class ApiKey:
 
 
 class EventStream(StreamingResponse):
-    """A stream whose generator is closed however the response ends (the client gone too),
-    so that its ``finally`` cancels the generation."""
+    """Server-sent events whose ``on_close`` runs however the response ends: finished, or the
+    client gone (even before the first event, when the generator never started)."""
 
     media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.on_close()
             await self.body_iterator.aclose()
 
 
@@ -119,10 +124,7 @@ def create_app(
             raise
         response = Response(service.name, parsed.job.chat)
         if parsed.stream:
-            return EventStream(
-                stream(endpoint, ticket, queue, response, parsed),
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return EventStream(stream(endpoint, ticket, queue, response, parsed), ticket.cancel)
         return await whole(request, endpoint, ticket, queue, response)
 
     async def whole(request, endpoint, ticket, queue, response) -> JSONResponse:
