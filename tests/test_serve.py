@@ -605,3 +605,28 @@ def test_tools_reach_the_model(tool_app):
     assert r.usage.prompt_tokens == len(ids)
     assert "### get_weather" in tok.decode(ids)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics_with_offload():
+    """With experts under a RAM budget, /metrics carries the expert tiers' figures."""
+    from fastapi.testclient import TestClient
+
+    from localseek.demo import default_model
+    from localseek.engine import load
+    from localseek.server.app import create_app
+    from localseek.server.service import Service
+
+    model = load(default_model(), ram="8MiB")
+    service = Service(model, 1, "demo")
+    try:
+        with TestClient(create_app(service)) as http:
+            r = http.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 3})
+            assert r.status_code == 200, r.text
+            text = http.get("/metrics").text
+    finally:
+        service.close()
+        model.close()
+    assert re.search(r'^localseek_expert_hit_rate\{tier="ram"\} [0-9.]+$', text, re.M), text
+    assert re.search(r"^localseek_expert_lookups_total [1-9]\d*$", text, re.M)
+    assert re.search(r"^localseek_expert_stall_seconds_total \S+$", text, re.M)
+    assert 'localseek_requests_total{endpoint="chat",outcome="ok"} 1' in text

@@ -147,9 +147,10 @@ def create_app(
                 getter.cancel()
         if event.error is not None:
             service.metrics.count(endpoint, "error")
+            status = 503 if service.closing else 500  # shutting down, or the model failed
             return JSONResponse(
                 error_body(event.error, kind="server_error", code="generation_failed"),
-                status_code=500,
+                status_code=status,
             )
         service.metrics.count(endpoint, "ok")
         body = response.whole(

@@ -124,58 +124,33 @@ class Metrics:
         def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
             out.append(f"# HELP localseek_{name} {help}")
             out.append(f"# TYPE localseek_{name} {kind}")
-            out.extend(f"localseek_{name}{labels} {value:g}" for labels, value in samples)
+            for labels, value in samples:  # whole numbers exactly, others as Python writes them
+                shown = int(value) if float(value).is_integer() else float(value)
+                out.append(f"localseek_{name}{labels} {shown}")
 
         with self._lock:
             requests = [
                 (f'{{endpoint="{e}",outcome="{o}"}}', n)
                 for (e, o), n in sorted(self.requests.items())
             ]
-            metric(
-                "requests_total", "counter", "Requests answered, by endpoint and outcome.", requests
-            )
-            metric(
-                "prompt_tokens_total",
-                "counter",
-                "Prompt tokens of generations.",
-                [("", self.prompt_tokens)],
-            )
-            metric(
-                "cached_prompt_tokens_total",
-                "counter",
-                "Prompt tokens reused from the KV cache, not computed again.",
-                [("", self.cached_tokens)],
-            )
-            metric(
-                "generated_tokens_total",
-                "counter",
-                "Tokens generated.",
-                [("", self.generated_tokens)],
-            )
-            metric(
-                "prefill_seconds_total",
-                "counter",
-                "Seconds spent in prefill.",
-                [("", self.prefill_seconds)],
-            )
-            metric(
-                "decode_seconds_total",
-                "counter",
-                "Seconds spent in decode steps.",
-                [("", self.decode_seconds)],
-            )
-            metric(
-                "prefill_tokens_per_second",
-                "gauge",
-                "Prefill speed of the last request.",
-                [("", self.last_prefill_tps)],
-            )
-            metric(
-                "decode_tokens_per_second",
-                "gauge",
-                "Decode speed of the last request.",
-                [("", self.last_decode_tps)],
-            )
+            totals = [
+                ("prompt_tokens_total", "counter", "Prompt tokens of generations.",
+                 self.prompt_tokens),
+                ("cached_prompt_tokens_total", "counter",
+                 "Prompt tokens reused from the KV cache, not computed again.", self.cached_tokens),
+                ("generated_tokens_total", "counter", "Tokens generated.", self.generated_tokens),
+                ("prefill_seconds_total", "counter", "Seconds spent in prefill.",
+                 self.prefill_seconds),
+                ("decode_seconds_total", "counter", "Seconds spent in decode steps.",
+                 self.decode_seconds),
+                ("prefill_tokens_per_second", "gauge", "Prefill speed of the last request.",
+                 self.last_prefill_tps),
+                ("decode_tokens_per_second", "gauge", "Decode speed of the last request.",
+                 self.last_decode_tps),
+            ]  # fmt: skip
+        metric("requests_total", "counter", "Requests answered, by endpoint and outcome.", requests)
+        for name, kind, text, value in totals:
+            metric(name, kind, text, [("", value)])
         metric("queue_depth", "gauge", "Requests waiting for the model.", [("", waiting)])
         metric("requests_running", "gauge", "Requests being generated (0 or 1).", [("", running)])
         offload = model.offload_stats
@@ -191,21 +166,15 @@ class Metrics:
                 "(ram).",
                 [(tier, r) for tier, r in rates if r is not None],
             )
-            metric(
-                "expert_lookups_total", "counter", "Routed-expert uses.", [("", offload.lookups)]
-            )
-            metric(
-                "expert_disk_bytes_total",
-                "counter",
-                "Bytes of experts read from disk.",
-                [("", offload.disk_bytes + offload.prefetch_bytes)],
-            )
-            metric(
-                "expert_stall_seconds_total",
-                "counter",
-                "Seconds waited for experts.",
-                [("", offload.stall_seconds)],
-            )
+            offload_totals = [
+                ("expert_lookups_total", "Routed-expert uses.", offload.lookups),
+                ("expert_disk_bytes_total", "Bytes of experts read from disk.",
+                 offload.disk_bytes + offload.prefetch_bytes),
+                ("expert_stall_seconds_total", "Seconds waited for experts.",
+                 offload.stall_seconds),
+            ]  # fmt: skip
+            for name, text, value in offload_totals:
+                metric(name, "counter", text, [("", value)])
         return "\n".join(out) + "\n"
 
 
@@ -243,19 +212,27 @@ class Service:
         self._thread = threading.Thread(target=self._work, name="localseek-generate", daemon=True)
         self._thread.start()
 
+    @property
+    def closing(self) -> bool:
+        """``stop`` has been called: the server is shutting down."""
+        return self._closing
+
     # --- the queue -----------------------------------------------------------------------
 
     def submit(self, ticket: Ticket) -> None:
         """Queue a ticket (FIFO).
 
         Raises:
-            QueueFull: ``max_queue`` tickets wait already (or the server is shutting down).
+            QueueFull: ``max_queue`` tickets wait already.
+            RequestError: the server is shutting down (503).
         """
         with self._cond:
+            if self._closing:
+                raise RequestError("the server is shutting down.", status=503, kind="server_error")
             waiting = len(self._waiting)
-            if self._closing or (self._running is not None and waiting >= self.max_queue):
-                turns = waiting + 1
-                raise QueueFull(waiting, max(1, math.ceil(self._seconds * turns)))
+            # one may run: the worker may not have taken the first one out yet
+            if waiting + (self._running is not None) > self.max_queue:
+                raise QueueFull(waiting, max(1, math.ceil(self._seconds * (waiting + 1))))
             self._waiting.append(ticket)
             self._cond.notify()
 
