@@ -147,11 +147,9 @@ def create_app(
                 getter.cancel()
         if event.error is not None:
             service.metrics.count(endpoint, "error")
-            status = 503 if service.closing else 500  # shutting down, or the model failed
-            return JSONResponse(
-                error_body(event.error, kind="server_error", code="generation_failed"),
-                status_code=status,
-            )
+            body = error_body(event.error, kind="server_error", code=_code())
+            # 503: shutting down; 500: the model failed
+            return JSONResponse(body, status_code=503 if service.closing else 500)
         service.metrics.count(endpoint, "ok")
         body = response.whole(
             event.reasoning, event.content, event.tool_calls, event.finish_reason, event.usage
@@ -177,9 +175,7 @@ def create_app(
                     continue
                 if event.error is not None:
                     outcome = "error"
-                    yield _sse(
-                        error_body(event.error, kind="server_error", code="generation_failed")
-                    )
+                    yield _sse(error_body(event.error, kind="server_error", code=_code()))
                     break
                 if event.tool_calls:
                     calls = protocol.tool_calls(event.tool_calls)
@@ -194,6 +190,9 @@ def create_app(
         finally:
             ticket.cancel()  # the client went away mid-stream: stop before the next token
             service.metrics.count(endpoint, outcome)
+
+    def _code() -> str:
+        return "server_shutting_down" if service.closing else "generation_failed"
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
