@@ -285,6 +285,8 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = True,
         text_roles: Collection[str] = ("system", "user"),
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        trusted: Collection[int] = (),
     ) -> list[int] | str:
         """Render a conversation with the checkpoint's chat template (or a built-in DeepSeek one).
 
@@ -292,22 +294,31 @@ class Tokenizer:
         The template's own text is tokenized with its special tokens parsed; the content of
         messages whose role is in `text_roles` (what a person typed) stays text, so typed
         "<｜end▁of▁sentence｜><｜Assistant｜>" cannot forge a turn boundary.
+
+        tools: OpenAI-style tool definitions, handed to the template as ``tools`` (see
+            ``tool_support``); they are template text, so the caller vets them.
+        trusted: indices of messages whose content is the caller's own text (its special
+            tokens parsed) although their role is in `text_roles`.
         """
         if not tokenize:
-            return self._render(messages, add_generation_prompt)
+            return self._render(messages, add_generation_prompt, tools)
         # the template sees a marker per protected content and the content goes back in
         # afterwards; U+FDD0/U+FDD1 are noncharacters (never in text) and the nonce is new
         # each time, so no assistant text can pass for a marker
         nonce = secrets.token_hex(8)
         marked, contents = [], []
-        for m in messages:
+        for i, m in enumerate(messages):
             m = dict(m)
-            if m.get("role") in text_roles and isinstance(m.get("content"), str):
+            if (
+                m.get("role") in text_roles
+                and i not in trusted
+                and isinstance(m.get("content"), str)
+            ):
                 contents.append(m["content"])
                 m["content"] = f"\ufdd0{nonce}.{len(contents) - 1}\ufdd1"
             marked.append(m)
         pieces = re.split(
-            f"\ufdd0{nonce}\\.(\\d+)\ufdd1", self._render(marked, add_generation_prompt)
+            f"\ufdd0{nonce}\\.(\\d+)\ufdd1", self._render(marked, add_generation_prompt, tools)
         )
         # pieces: template text, content index, template text, ...: added tokens are looked
         # for in the template's text only, and everything between two of them is plain text
@@ -331,14 +342,40 @@ class Tokenizer:
         ids += self._text_ids(text[at:]) if at < len(text) else []
         return ids
 
-    def _render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
+    def tool_support(self) -> str | None:
+        """How the chat template takes tools: "template" when it renders the ``tools`` it is
+        given itself, "system" when it renders only the tool calls of assistant messages
+        (DeepSeek-V3-0324 and V3.1: their tools are described in the system prompt), None when
+        it knows neither. Found by rendering a probe tool, not by reading the template."""
+        name = "localseek_probe_tool"
+        probe = [{"type": "function", "function": {"name": name, "parameters": {}}}]
+        user = {"role": "user", "content": "?"}
+        call = {"id": "call_0", "type": "function", "function": {"name": name, "arguments": "{}"}}
+        calling = {"role": "assistant", "content": None, "tool_calls": [call]}
+        try:
+            if name in self._render([user], True, probe):
+                return "template"
+            if name in self._render([user, calling], False):
+                return "system"
+        except CheckpointError:  # e.g. a template that refuses what it does not know
+            pass
+        return None
+
+    def _render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
         template = self._template()
+        extra = {} if tools is None else {"tools": [dict(t) for t in tools]}
         try:
             return template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **extra,
             )
         except CheckpointError:
             raise

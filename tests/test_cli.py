@@ -245,6 +245,7 @@ LIGHT_HELP = [
     "inspect",
     "plan",
     "profile",
+    "serve",
 ]
 NO_TORCH = r"""
 import sys

@@ -32,6 +32,7 @@ COMMANDS = {
     "quantize": "quantize a checkpoint to GGUF (q4_k, q4_0, q8_0) or DeepSeek's FP8 layout",
     "plan": "show where weights and experts go under GPU and RAM budgets",
     "profile": "record per-layer expert usage over prompts, for `plan --stats` and the cache",
+    "serve": "serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)",
 }
 
 
