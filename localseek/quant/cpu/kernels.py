@@ -766,7 +766,9 @@ def _swiglu(
     T, n_in = x.shape
     inter = w1.shape[0]
     stream = stream_ok(fmt1, n_in) and stream_ok(fmt3, n_in)
-    p1, p3 = prepare_activations(fmt1, x, exact), prepare_activations(fmt3, x, exact)
+    p1 = prepare_activations(fmt1, x, exact)
+    # gate and up of one type (the recipes' rule) share one rounding of x: it runs serially
+    p3 = p1 if fmt3 == fmt1 else prepare_activations(fmt3, x, exact)
     rows = _STREAM_ROWS if stream else _TILE_ROWS
     for c in prange((inter + rows - 1) // rows):
         r0 = c * rows
@@ -865,7 +867,8 @@ def _moe_swiglu(
     # activations as the streaming path wants them (per format)
     stream1 = stream_ok(fmt1, hidden) and stream_ok(fmt3, hidden)
     stream2 = stream_ok(fmt2, inter)
-    p1, p3 = prepare_activations(fmt1, xg, exact), prepare_activations(fmt3, xg, exact)
+    p1 = prepare_activations(fmt1, xg, exact)
+    p3 = p1 if fmt3 == fmt1 else prepare_activations(fmt3, xg, exact)  # as in ``_swiglu``
 
     # gate and up, h = silu(x w1.T) * (x w3.T): work items are (active expert, row chunk)
     h = np.empty((N * K, inter), dtype=np.float32)  # (N * K, inter)
