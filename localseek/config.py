@@ -7,10 +7,8 @@ Built from a Hugging Face ``config.json`` here; the GGUF reader builds the same 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from localseek.errors import CheckpointError
@@ -190,36 +188,25 @@ class ModelConfig:
         cfg.validate(source)
         return cfg
 
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from e
-        except UnicodeDecodeError as e:
-            raise CheckpointError(f"{path}: not a UTF-8 text file.") from e
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object.")
-        return cls.from_hf_dict(raw, source=str(path))
-
     def validate(self, source: str) -> None:
         """Reject numbers the model cannot run with, naming the first one that is wrong."""
 
         def bad(msg: str) -> None:
             raise CheckpointError(f"{source}: {msg}.")
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "v_head_dim",
-        ):
-            if getattr(self, name) <= 0:
-                bad(f"{name} must be positive, got {getattr(self, name)}")
+        check_positive(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "kv_lora_rank",
+                "qk_nope_head_dim",
+                "v_head_dim",
+            ),
+            source,
+        )
         if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
             bad(f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}")
         if self.scoring_func not in ("softmax", "sigmoid"):
@@ -243,6 +230,13 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d.pop("extra")
         return d
+
+
+def check_positive(cfg: Any, names: tuple[str, ...], source: str) -> None:
+    """One sentence naming the first field of ``names`` on ``cfg`` that is not positive."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise CheckpointError(f"{source}: {name} must be positive, got {getattr(cfg, name)}.")
 
 
 def first_id(value: Any) -> int | None:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from localseek.config import YarnScaling, first_id, yarn_from_hf
+from localseek.config import YarnScaling, check_positive, first_id, yarn_from_hf
 from localseek.errors import CheckpointError
 
 SLIDING, CSA, HCA = (
@@ -170,23 +170,25 @@ class V4Config:
         def bad(msg: str) -> None:
             raise CheckpointError(f"{source}: {msg}.")
 
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "head_dim",
-            "q_lora_rank",
-            "o_groups",
-            "o_lora_rank",
-            "sliding_window",
-            "moe_intermediate_size",
-            "n_routed_experts",
-            "hc_mult",
-            "hc_sinkhorn_iters",
-        ):
-            if getattr(self, name) <= 0:
-                bad(f"{name} must be positive, got {getattr(self, name)}")
+        check_positive(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "head_dim",
+                "q_lora_rank",
+                "o_groups",
+                "o_lora_rank",
+                "sliding_window",
+                "moe_intermediate_size",
+                "n_routed_experts",
+                "hc_mult",
+                "hc_sinkhorn_iters",
+            ),
+            source,
+        )
         if self.scoring_func not in SCORING_FUNCS:
             bad(
                 f"key 'scoring_func' has value '{self.scoring_func}', which localseek does not "
