@@ -194,33 +194,25 @@ def create_app(
     def _code() -> str:
         return "server_shutting_down" if service.closing else "generation_failed"
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        endpoint = "chat"
+    async def parse(request: Request, endpoint: str, parse_body, *extra):
+        """The request's body through ``parse_body`` (a protocol function), counted if refused."""
         try:
             body = await read_body(request)
             tok, ctx = service.tokenizer, service.model.ctx
-            parsed = await run_in_threadpool(
-                protocol.chat_request, body, tok, ctx, service.name, service.tool_support
-            )
+            return await run_in_threadpool(parse_body, body, tok, ctx, service.name, *extra)
         except RequestError:
             service.metrics.count(endpoint, "invalid")
             raise
-        return await complete(request, endpoint, parsed)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        parsed = await parse(request, "chat", protocol.chat_request, service.tool_support)
+        return await complete(request, "chat", parsed)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        endpoint = "completions"
-        try:
-            body = await read_body(request)
-            tok, ctx = service.tokenizer, service.model.ctx
-            parsed = await run_in_threadpool(
-                protocol.completion_request, body, tok, ctx, service.name
-            )
-        except RequestError:
-            service.metrics.count(endpoint, "invalid")
-            raise
-        return await complete(request, endpoint, parsed)
+        parsed = await parse(request, "completions", protocol.completion_request)
+        return await complete(request, "completions", parsed)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
