@@ -21,7 +21,17 @@ from localseek.convert.gguf_writer import write_gguf
 from localseek.model.moe import ReferenceExperts, route
 from localseek.offload import CPUExperts
 from localseek.quant import QTensor, linear
-from localseek.quant.cpu.kernels import act_span, qmatmul
+from localseek.quant.cpu import kernels as ck
+from localseek.quant.cpu import widen
+from localseek.quant.cpu.kernels import (
+    F16_LUT,
+    FP8_LUT,
+    KERNEL_FORMATS,
+    act_span,
+    kernel_args,
+    qmatmul,
+)
+from localseek.quant.cpu.widen import widen_rows
 from localseek.quant.formats import FORMATS, random_blocks
 from localseek.quant.fp8 import FP8_QTYPE, fp8_scale_shape
 from localseek.quant.linear import grouped_linear, swiglu_linear
@@ -104,11 +114,13 @@ def test_qmatmul_equals_dequantize_matmul(qtype, shape) -> None:
         assert _rel(y, x.double() @ dense.T) < 1e-5
         if qtype in FLOAT_ONLY:  # F16 / BF16: the fast mode is the exact one
             if qtype != FP8_QTYPE:
-                assert torch.equal(qmatmul(x, w.qtype, w.data, w.scale, exact=False), y)
+                assert torch.equal(
+                    qmatmul(x, w.qtype, w.data, w.scale, exact=False, widen=False), y
+                )
             continue
         # fast path: exact for the int8-rounded activations, and within their rounding error
         # of float32 activations (measured 0.4-0.8% of max |y|, 0.5% relative RMS)
-        fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False)
+        fast = qmatmul(x, w.qtype, w.data, w.scale, exact=False, widen=False)
         assert _rel(fast, _int8_activations(x, qtype).double() @ dense.T) < 1e-5
         assert _rel(fast, x.double() @ dense.T) < 2e-2
 
@@ -208,6 +220,110 @@ def test_fused_layer_equals_reference(formats, inter) -> None:
         if f1 not in FLOAT_ONLY:  # int8 activations (rounded twice: x and h): measured ~0.7%
             fast = CPUExperts({5: weights[5]}, exact=False)(5, x, ids, wts)
             assert _rel(fast, want) < 3e-2
+
+
+# --- fast mode's bf16 tiles (prefill on CPUs with AMX / AVX512-BF16) ---------------------------
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).double()
+
+
+@pytest.mark.parametrize("qtype,shape", CASES)
+def test_widened_rows_are_dequantize_rounded_to_bf16(qtype, shape) -> None:
+    """Every format's rows widened to bf16 are its dequantized values rounded to nearest even
+    (F16 / BF16 / FP8 too), from any first row: equal values (a zero may differ in sign)."""
+    (w,) = _random_weights(qtype, shape, 1, seed=11)
+    want = w.dequantize(torch.float32).to(torch.bfloat16)[3:]
+    fmt, arr, sc = kernel_args(w)
+    out = np.zeros((shape[0] - 3, shape[1]), dtype=np.uint16)
+    widen_rows(fmt, arr, sc, 3, shape[0], F16_LUT, FP8_LUT, out)
+    assert torch.equal(torch.from_numpy(out.view(np.int16)).view(torch.bfloat16), want)
+
+
+@pytest.mark.parametrize("qtype,shape", CASES)
+def test_tiles_equal_bf16_products(qtype, shape) -> None:
+    """widen=True: the products of bf16-rounded activations and weights, accumulated in float32
+    and rounded to bf16 (within a bf16 step of each value), at any token count and in groups."""
+    (w,) = _random_weights(qtype, shape, 1, seed=12)
+    wb = _bf16(w.dequantize(torch.float32))
+    for T in (1, 3, 33):
+        x = torch.randn(T, shape[1])
+        got = qmatmul(x, w.qtype, w.data, w.scale, exact=False, widen=True).double()
+        want = _bf16(x) @ wb.T
+        slack = 2**-8 * want.abs() + 1e-5 * want.abs().max()
+        assert got.shape == want.shape and bool(((got - want).abs() <= slack).all())
+        assert torch.equal(
+            qmatmul(x, w.qtype, w.data, w.scale, exact=True, widen=True),
+            qmatmul(x, w.qtype, w.data, w.scale, exact=True),
+        )  # exact: no tiles
+    G, R = 2, shape[0] // 2
+    x = torch.randn(G * 5, shape[1])
+    got = qmatmul(x, w.qtype, w.data, w.scale, exact=False, groups=G, widen=True).double()
+    want = torch.cat([_bf16(x[g * 5 : (g + 1) * 5]) @ wb[g * R : (g + 1) * R].T for g in range(G)])
+    assert _rel(got, want) < 2**-8
+
+
+def test_tiled_swiglu_and_moe_equal_bf16_products(monkeypatch) -> None:
+    """The SwiGLU and the MoE layer through tiles: bf16 products (h rounded to bf16 before the
+    down projection), and with auto choice on a CPU with bf16 units (forced here), the experts
+    with ``MIN_TOKENS`` tokens or more go through tiles and the rest through the one-call
+    kernel, each within its own rounding of the float32 reference."""
+    E, hidden, inter, N, K = 4, 256, 256, 40, 2
+    fmts = ("ggml_q4_k", "ggml_q6_k", "ggml_q5_k")  # gate, down, up
+    w1, w2, w3 = (
+        _random_weights(f, s, E, seed=13 + i)
+        for i, (f, s) in enumerate(
+            zip(fmts, [(inter, hidden), (hidden, inter), (inter, hidden)], strict=True)
+        )
+    )
+    d1, d2, d3 = ([_bf16(w.dequantize(torch.float32)) for w in ws] for ws in (w1, w2, w3))
+    silu = torch.nn.functional.silu
+    x = torch.randn(N, hidden)
+    got = ck.swiglu(x, *[(w.qtype, w.data, w.scale) for w in (w1[0], w3[0])], False, True)
+    assert _rel(got, silu(_bf16(x) @ d1[0].T) * (_bf16(x) @ d3[0].T)) < 1e-2
+    # expert 0 gets every token (40 >= MIN_TOKENS), 1..3 share the second choice (< 24 each)
+    ids = torch.stack([torch.zeros(N, dtype=torch.int64), 1 + torch.arange(N) % 3], 1)
+    wts = torch.rand(N, K)
+    stacks = [
+        (
+            KERNEL_FORMATS[ws[0].qtype],
+            np.stack([w.data.numpy() for w in ws]),
+            np.zeros((E, 1, 1), np.float32),
+        )
+        for ws in (w1, w3, w2)
+    ]
+    xs, idn, wn = x.numpy(), ids.numpy(), wts.numpy()
+    exact = torch.from_numpy(ck.moe_swiglu(xs, idn, wn, *stacks, exact=True)).double()
+
+    def tiled_expert(e, xe):
+        h = _bf16(silu(_bf16(xe) @ d1[e].T) * (_bf16(xe) @ d3[e].T))
+        return h @ d2[e].T
+
+    want = torch.zeros(N, hidden, dtype=torch.float64)
+    for n in range(N):
+        for k in range(K):
+            want[n] += wts[n, k].double() * tiled_expert(int(ids[n, k]), x[n : n + 1])[0]
+    every = torch.from_numpy(ck.moe_swiglu(xs, idn, wn, *stacks, exact=False, widen=True))
+    assert _rel(every, want) < 1e-2
+    monkeypatch.setattr(widen, "BF16_UNITS", True)
+    assert ck.MIN_TOKENS <= N and N // 3 + 1 < ck.MIN_TOKENS
+    mixed = torch.from_numpy(ck.moe_swiglu(xs, idn, wn, *stacks, exact=False))
+    none = torch.from_numpy(ck.moe_swiglu(xs, idn, wn, *stacks, exact=False, widen=False))
+    assert not torch.equal(mixed, none) and not torch.equal(mixed, every)
+    for y in (every, mixed, none):
+        assert _rel(y, exact) < 3e-2  # each within its rounding of the float32 layer
+
+
+def test_tiles_only_in_fast_mode_on_bf16_units(monkeypatch) -> None:
+    """The auto choice: tiles in fast mode for MIN_TOKENS tokens or more where the CPU has bf16
+    matrix units; never in exact mode; widen=True / False force it."""
+    for units in (False, True):
+        monkeypatch.setattr(widen, "BF16_UNITS", units)
+        assert widen.use_tiles(None, False, widen.MIN_TOKENS) is units
+        assert not widen.use_tiles(None, False, widen.MIN_TOKENS - 1)
+        assert not widen.use_tiles(True, True, 512) and not widen.use_tiles(None, True, 512)
+        assert widen.use_tiles(True, False, 1) and not widen.use_tiles(False, False, 512)
 
 
 def test_linear_uses_cpu_kernel_for_quantized_weights(monkeypatch) -> None:

@@ -74,7 +74,7 @@ def test_fp8_checkpoint_matches_transformers_on_dequantised_weights(tmp_path):
     }
     (out / "config.json").write_text(json.dumps(cfg))
 
-    model = localseek.load(out)
+    model = localseek.load(out, exact=True)  # fast mode rounds prefill to bf16 on AMX CPUs
     ids = [int(t) for t in np.random.RandomState(1).randint(2, 160, size=30)]
     want = models.reference_logits(ref, ids)
     got = model.logits(ids)

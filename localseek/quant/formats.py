@@ -6,8 +6,8 @@ hand-scheduled Q8_0 / Q4_0 / Q4_K / FP8 rows, ``cpu_codes`` for the rest), wheth
 tier's tiled kernels decode it and whether ``localseek quantize`` writes it. The reference
 dequantize of every GGML type is gguf-py's (``quant.ggml``), FP8's is ``quant.fp8``.
 
-Adding a GGML type: one entry here, and its block decoder in ``cpu_codes`` (``_block32`` or
-``_superblock``) with a ``cpu_code`` from ``cpu_codes``' range.
+Adding a GGML type: one entry here, and its block decoder in ``cpu_codes`` (``block32`` or
+``superblock``) with a ``cpu_code`` from ``cpu_codes``' range.
 """
 
 from __future__ import annotations

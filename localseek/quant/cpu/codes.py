@@ -178,7 +178,7 @@ def _qh_bits(b: ir.IRBuilder, qh: ir.Value, value: int) -> ir.Value:
     return b.select(mask, splat(I8, 32, value), splat(I8, 32, 0))
 
 
-def _block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, signed: bool):
+def block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, signed: bool):
     """One 32-weight block: (codes <32 x i8>, scale, min) as float scalars; ``signed``: IQ4_NL's
     codes are its signed table values and the min is None."""
     b = g.b
@@ -209,7 +209,7 @@ def _block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, 
     return codes, d, b.fmul(d, ir.Constant(F32, 16.0))
 
 
-def _superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, signed: bool):
+def superblock(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, signed: bool):
     """One 256-weight super-block: (four <64 x i8> code vectors, d, <16 x i16> integer scales
     of the groups, <16 x float> mins), the groups' scales being d * the integer ones;
     ``signed``: IQ4_XS's codes are its signed table values and the mins None."""
@@ -476,7 +476,7 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                     b.store(acc, a)
 
             def block(u):
-                return _block32(g, fmt, rowp, b.mul(u, g.i64(bpu)), lutp, signed)
+                return block32(g, fmt, rowp, b.mul(u, g.i64(bpu)), lutp, signed)
 
             with cgutils.for_range(b, nrv) as rows:
                 rowp = g.row(wa, b.add(r0v, rows.index))
@@ -490,7 +490,7 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                         base = b.mul(u, g.i64(bpu))
                         for o in range(0, bpu, 64):
                             g.prefetch(rowp, b.add(base, g.i64(PF + o)))
-                        codes, d, isc, mn = _superblock(g, fmt, rowp, base, lutp, signed)
+                        codes, d, isc, mn = superblock(g, fmt, rowp, base, lutp, signed)
                         x0 = b.mul(u, g.i64(256))
                         at = (x0, b.mul(u, g.i64(8)), b.mul(u, g.i64(16)))
                         if int_sb:

@@ -33,6 +33,7 @@ from numba import njit, prange
 
 from localseek.quant.cpu.codes import make_rowdot_codes, make_rowdot_float
 from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8, superblock_int_sums
+from localseek.quant.cpu.widen import MIN_TOKENS, Tiles, tiled_matmul, tiled_swiglu, use_tiles
 from localseek.quant.formats import (
     FIRST_CODES,
     FLOAT_CODES,
@@ -685,18 +686,27 @@ def activations(x: torch.Tensor) -> np.ndarray:
 
 
 def qmatmul_weight(
-    x: torch.Tensor, w: QTensor, exact: bool = True, groups: int = 1
+    x: torch.Tensor, w: QTensor, exact: bool = True, groups: int = 1, widen: bool | None = None
 ) -> torch.Tensor:
     """``qmatmul`` for a QTensor, with its kernel arguments kept on it (``kernel_args``)."""
     fmt, arr, sc = kernel_args(w)
-    return _run_qmatmul(activations(x), fmt, arr, sc, exact, groups)
+    return _run_qmatmul(activations(x), fmt, arr, sc, exact, groups, widen)
 
 
-def _run_qmatmul(xs, fmt, w, sc, exact, groups) -> torch.Tensor:
+def _run_qmatmul(xs, fmt, w, sc, exact, groups, widen) -> torch.Tensor:
     if xs.shape[0] % groups or w.shape[0] % groups:
         raise ValueError(f"{xs.shape[0]} tokens and {w.shape[0]} rows in {groups} groups")
     check_width(fmt, w, xs.shape[1])
-    y = np.empty((xs.shape[0], w.shape[0] // groups), dtype=np.float32)
+    N, R = xs.shape[0] // groups, w.shape[0] // groups
+    if use_tiles(widen, exact, N):  # bf16 tiles, group by group
+        xb = torch.from_numpy(xs).bfloat16()
+        y = torch.empty((xs.shape[0], R), dtype=torch.float32)
+        tiles = Tiles(fmt, w, sc, xs.shape[1], F16_LUT, FP8_LUT)
+        for g in range(groups):
+            rows = slice(g * N, (g + 1) * N)
+            tiled_matmul(xb[rows], tiles, g * R, (g + 1) * R, y[rows])
+        return y
+    y = np.empty((xs.shape[0], R), dtype=np.float32)
     _qmatmul(fmt, w, sc, xs, y, F16_LUT, FP8_LUT, bool(exact), groups)
     return torch.from_numpy(y)
 
@@ -708,6 +718,7 @@ def qmatmul(
     scale: torch.Tensor | None,
     exact: bool = True,
     groups: int = 1,
+    widen: bool | None = None,
 ) -> torch.Tensor:
     """y = x @ W.T for a weight stored as ``qtype`` (one of ``KERNEL_FORMATS``), or, with
     ``groups`` G, G independent products: group g's tokens times group g's rows.
@@ -721,11 +732,16 @@ def qmatmul(
         exact: float32 activations; False quantizes them to int8 per 32 for integer dot
             products (GGML formats; FP8 stays float32).
         groups: G; y[g * N + t] = x[g * N + t] @ W[g * R : (g + 1) * R].T.
+        widen: fast mode through bf16 tiles of the weight and oneDNN's matmul (``widen``):
+            None takes them where the CPU has bf16 units and N >= ``widen.MIN_TOKENS``;
+            True / False force the choice (the tiles round weights, activations and results
+            to bf16, 2**-9 relative; the int8 path rounds activations per 32).
     Returns:
         float32 (T, rows), or (G * N, R) with groups.
     """
     xs = activations(x)
-    return _run_qmatmul(xs, KERNEL_FORMATS[qtype], raw_bytes(data), _scale2d(scale), exact, groups)
+    fmt, arr, sc = KERNEL_FORMATS[qtype], raw_bytes(data), _scale2d(scale)
+    return _run_qmatmul(xs, fmt, arr, sc, exact, groups, widen)
 
 
 # --- SwiGLU: gate and up in one pass ----------------------------------------------------------
@@ -781,6 +797,7 @@ def swiglu(
     w1: tuple[str, torch.Tensor, torch.Tensor | None],
     w3: tuple[str, torch.Tensor, torch.Tensor | None],
     exact: bool = True,
+    widen: bool | None = None,
 ) -> torch.Tensor:
     """h = silu(x @ W1.T) * (x @ W3.T), both projections in one parallel call.
 
@@ -788,26 +805,36 @@ def swiglu(
         x: float32 (T, in) activations on the CPU.
         w1, w3: (qtype, stored data, FP8 scales or None) of the gate and up weights (inter, in).
         exact: float32 activations; False rounds them to int8 per 32 (see ``qmatmul``).
+        widen: bf16 tiles in fast mode (see ``qmatmul``).
     Returns:
         float32 (T, inter).
     """
     (q1, d1, sc1), (q3, d3, sc3) = w1, w3
     p1 = KERNEL_FORMATS[q1], raw_bytes(d1), _scale2d(sc1)
     p3 = KERNEL_FORMATS[q3], raw_bytes(d3), _scale2d(sc3)
-    return _run_swiglu(activations(x), p1, p3, exact)
+    return _run_swiglu(activations(x), p1, p3, exact, widen)
 
 
-def swiglu_weights(x: torch.Tensor, w1: QTensor, w3: QTensor, exact: bool = True) -> torch.Tensor:
+def swiglu_weights(
+    x: torch.Tensor, w1: QTensor, w3: QTensor, exact: bool = True, widen: bool | None = None
+) -> torch.Tensor:
     """``swiglu`` for QTensors, with their kernel arguments kept on them (``kernel_args``)."""
-    return _run_swiglu(activations(x), kernel_args(w1), kernel_args(w3), exact)
+    return _run_swiglu(activations(x), kernel_args(w1), kernel_args(w3), exact, widen)
 
 
-def _run_swiglu(xs, p1, p3, exact) -> torch.Tensor:
+def _run_swiglu(xs, p1, p3, exact, widen) -> torch.Tensor:
     (f1, a1, s1), (f3, a3, s3) = p1, p3
     check_width(f1, a1, xs.shape[1])
     check_width(f3, a3, xs.shape[1])
     if a1.shape[0] != a3.shape[0]:
         raise ValueError(f"gate and up have {a1.shape[0]} and {a3.shape[0]} rows")
+    if use_tiles(widen, exact, xs.shape[0]):
+        h = torch.empty((xs.shape[0], a1.shape[0]), dtype=torch.float32)
+        n_in = xs.shape[1]
+        t1 = Tiles(f1, a1, s1, n_in, F16_LUT, FP8_LUT)
+        t3 = Tiles(f3, a3, s3, n_in, F16_LUT, FP8_LUT)
+        tiled_swiglu(torch.from_numpy(xs).bfloat16(), t1, t3, a1.shape[0], h)
+        return h
     h = np.empty((xs.shape[0], a1.shape[0]), dtype=np.float32)
     _swiglu(f1, a1, s1, f3, a3, s3, xs, h, F16_LUT, FP8_LUT, bool(exact))
     return torch.from_numpy(h)
@@ -930,6 +957,7 @@ def moe_swiglu(
     w3: tuple[int, np.ndarray, np.ndarray],
     w2: tuple[int, np.ndarray, np.ndarray],
     exact: bool = True,
+    widen: bool | None = None,
 ) -> np.ndarray:
     """One layer's routed SwiGLU experts for all tokens in one call.
 
@@ -941,9 +969,60 @@ def moe_swiglu(
         w1, w3, w2: (format code, uint8 (E, rows, row_bytes) stored bytes, float32
             (E, row_blocks, col_blocks) FP8 scales or a (E, 1, 1) placeholder) per projection.
         exact: float32 activations; False quantizes them to int8 per 32 (see ``qmatmul``).
+        widen: fast mode's bf16 tiles (see ``qmatmul``), expert by expert: None takes them
+            for the experts with ``widen.MIN_TOKENS`` tokens or more where the CPU has bf16
+            units, the rest in the one-call kernel; True takes them for every expert.
     Returns:
         float32 (N, hidden).
     """
     y = np.zeros(x.shape, dtype=np.float32)
+    if not exact and widen is not False and (widen or use_tiles(None, False, MIN_TOKENS)):
+        rest = _moe_tiles(x, topk_ids, topk_weights, w1, w3, w2, 1 if widen else MIN_TOKENS, y)
+        if rest is None:
+            return y
+        n, x, topk_ids, topk_weights = rest
+        part = np.zeros(x.shape, dtype=np.float32)
+        _moe_swiglu(*w1, *w3, *w2, x, topk_ids, topk_weights, part, F16_LUT, FP8_LUT, False)
+        torch.from_numpy(y).index_add_(0, torch.from_numpy(n), torch.from_numpy(part))
+        return y
     _moe_swiglu(*w1, *w3, *w2, x, topk_ids, topk_weights, y, F16_LUT, FP8_LUT, bool(exact))
     return y
+
+
+def _moe_tiles(x, topk_ids, topk_weights, w1, w3, w2, least: int, y: np.ndarray):
+    """The experts with ``least`` tokens or more through bf16 tiles, added into y. Returns
+    None, or the other experts' assignments for the one-call kernel: (token of each, its
+    activations (M, hidden), ids (M, 1), weights (M, 1))."""
+    N, K = topk_ids.shape
+    E = w1[1].shape[0]
+    flat = topk_ids.reshape(-1)
+    counts = np.bincount(flat, minlength=E)
+    order = np.argsort(flat, kind="stable")  # assignments grouped by expert, tokens in order
+    ends = np.cumsum(counts)
+    hidden, inter = x.shape[1], w1[1].shape[1]
+    xb = torch.from_numpy(x).bfloat16()
+    yt = torch.from_numpy(y)
+    wflat = torch.from_numpy(np.ascontiguousarray(topk_weights, dtype=np.float32).reshape(-1))
+    small = np.zeros(flat.shape[0], dtype=bool)
+    for e in range(E):
+        a, b = ends[e] - counts[e], ends[e]
+        if counts[e] == 0:
+            continue
+        sel = order[a:b]
+        if counts[e] < least:
+            small[sel] = True
+            continue
+        tokens = torch.from_numpy(sel // K)
+        (f1, a1, s1), (f3, a3, s3), (f2, a2, s2) = w1, w3, w2
+        h = torch.empty((b - a, inter), dtype=torch.float32)
+        t1 = Tiles(f1, a1[e], s1[e], hidden, F16_LUT, FP8_LUT)
+        t3 = Tiles(f3, a3[e], s3[e], hidden, F16_LUT, FP8_LUT)
+        tiled_swiglu(xb[tokens], t1, t3, inter, h)
+        ye = torch.empty((b - a, hidden), dtype=torch.float32)
+        tiled_matmul(h.bfloat16(), Tiles(f2, a2[e], s2[e], inter, F16_LUT, FP8_LUT), 0, hidden, ye)
+        yt.index_add_(0, tokens, ye.mul_(wflat[torch.from_numpy(sel)].unsqueeze(1)))
+    if not small.any():
+        return None
+    rest = np.nonzero(small)[0]
+    n = rest // K
+    return n, x[n], flat[rest].reshape(-1, 1), topk_weights.reshape(-1)[rest].reshape(-1, 1)
