@@ -33,7 +33,13 @@ from numba import njit, prange
 
 from localseek.quant.cpu.codes import make_rowdot_codes, make_rowdot_float
 from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8, superblock_int_sums
-from localseek.quant.cpu.widen import MIN_TOKENS, Tiles, tiled_matmul, tiled_swiglu, use_tiles
+from localseek.quant.cpu.widen import (
+    MIN_EXPERT_TOKENS,
+    Tiles,
+    tiled_matmul,
+    tiled_swiglu,
+    use_tiles,
+)
 from localseek.quant.formats import (
     FIRST_CODES,
     FLOAT_CODES,
@@ -970,14 +976,15 @@ def moe_swiglu(
             (E, row_blocks, col_blocks) FP8 scales or a (E, 1, 1) placeholder) per projection.
         exact: float32 activations; False quantizes them to int8 per 32 (see ``qmatmul``).
         widen: fast mode's bf16 tiles (see ``qmatmul``), expert by expert: None takes them
-            for the experts with ``widen.MIN_TOKENS`` tokens or more where the CPU has bf16
-            units, the rest in the one-call kernel; True takes them for every expert.
+            for the experts with ``widen.MIN_EXPERT_TOKENS`` tokens or more where the CPU has
+            bf16 units, the rest in the one-call kernel; True takes them for every expert.
     Returns:
         float32 (N, hidden).
     """
     y = np.zeros(x.shape, dtype=np.float32)
-    if not exact and widen is not False and (widen or use_tiles(None, False, MIN_TOKENS)):
-        rest = _moe_tiles(x, topk_ids, topk_weights, w1, w3, w2, 1 if widen else MIN_TOKENS, y)
+    if not exact and widen is not False and (widen or use_tiles(None, False, 1 << 30)):
+        least = 1 if widen else MIN_EXPERT_TOKENS
+        rest = _moe_tiles(x, topk_ids, topk_weights, w1, w3, w2, least, y)
         if rest is None:
             return y
         n, x, topk_ids, topk_weights = rest

@@ -284,6 +284,11 @@ BF16_UNITS = bf16_units()
 # tokens: int8 0.79 / 1.23 / 1.70 / 6.9 ms, tiles 0.81 / 0.82 / 0.87 / 1.8 ms; 1408 x 2048
 # breaks even at 24
 MIN_TOKENS = 24
+# the same for one routed expert in the MoE call, whose int8 kernel is slower per product than a
+# single matrix's: 64 experts (Q4_K 1408 x 2048 gate / up, Q5_0 down), top-6 of N tokens, with
+# experts of at least 1 / 12 / 24 tokens through tiles against the int8 call: N = 64: 125 / 86 /
+# 87 against 84 ms; N = 128: 129 / 121 / 154 against 138; N = 256: 139 / 140 / 190 against 246
+MIN_EXPERT_TOKENS = 12
 TILE_BYTES = 4 << 20  # bf16 rows a tile holds (1024 of 2048): 1 MiB tiles measured ~20% slower
 
 
