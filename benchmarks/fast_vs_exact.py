@@ -1,7 +1,11 @@
-"""The fast CPU path (int8 activations into every quantized matmul) against exact=True.
+"""The fast CPU path (int8 activations into every quantized matmul; bf16 tiles for prefill
+batches on CPUs with bf16 matrix units) against exact=True.
 
     .venv/bin/localseek quantize localseek/data/demo models/demo-q4_0.gguf --type q4_0 --no-eval
-    .venv/bin/python benchmarks/fast_vs_exact.py --model models/demo-q4_0.gguf
+    .venv/bin/python benchmarks/fast_vs_exact.py --model models/demo-q4_0.gguf [--int8-prefill]
+
+``--int8-prefill`` keeps the int8 kernels for every batch, as on a CPU without bf16 units (it
+tells ``quant.cpu.widen`` the CPU has none), to compare the two fast paths on one machine.
 
 Scores held-out text in chunks with both modes and reports the KL divergence of the next-token
 distributions (exact || fast, nats; mean and max over tokens) and top-1 agreement. JSON to
@@ -36,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file", type=Path, default=HELDOUT, help="text to score")
     p.add_argument("--chars", type=int, default=6000, help="characters of the file to use")
     p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--int8-prefill", action="store_true", help="no bf16 tiles (see above)")
     args = p.parse_args(argv)
+    from localseek.quant.cpu import widen
+
+    if args.int8_prefill:
+        widen.BF16_UNITS = False  # what a CPU without bf16 units runs; a benchmark switch only
+    prefill = "bf16 tiles" if widen.use_tiles(None, False, args.chunk) else "int8"
     exact = localseek.load(args.model, exact=True, ctx=args.chunk)
     fast = localseek.load(args.model, exact=False, ctx=args.chunk)
     ids = exact.tokenizer.encode(args.file.read_text(encoding="utf-8")[: args.chars])
@@ -54,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + shlex.join(["benchmarks/fast_vs_exact.py", *(argv or sys.argv[1:])]),
         "model": Path(args.model).name,
         "tokens": n,
+        "fast_prefill_products": prefill,
         "kl_mean_nats": float(kl.mean()),
         "kl_max_nats": float(kl.max()),
         "top1_agreement": agree / n,
@@ -62,12 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     out = (
         Path(__file__).parent
         / "results"
-        / f"fast_vs_exact-{Path(args.model).stem}-{now:%Y-%m-%d}.json"
+        / f"fast_vs_exact-{Path(args.model).stem}{'-int8' if args.int8_prefill else ''}"
+        f"-{now:%Y-%m-%d}.json"
     )
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(
         json.dumps(
-            {k: report[k] for k in ("tokens", "kl_mean_nats", "kl_max_nats", "top1_agreement")}
+            {
+                k: report[k]
+                for k in (
+                    "tokens",
+                    "fast_prefill_products",
+                    "kl_mean_nats",
+                    "kl_max_nats",
+                    "top1_agreement",
+                )
+            }
         )
     )
     return 0
