@@ -36,6 +36,7 @@ from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8, superblock_i
 from localseek.quant.cpu.widen import (
     MIN_EXPERT_TOKENS,
     Tiles,
+    scratch,
     tiled_matmul,
     tiled_swiglu,
     use_tiles,
@@ -838,7 +839,7 @@ def _run_swiglu(xs, p1, p3, exact, widen) -> torch.Tensor:
         h = torch.empty((xs.shape[0], a1.shape[0]), dtype=torch.float32)
         n_in = xs.shape[1]
         t1 = Tiles(f1, a1, s1, n_in, F16_LUT, FP8_LUT)
-        t3 = Tiles(f3, a3, s3, n_in, F16_LUT, FP8_LUT)
+        t3 = Tiles(f3, a3, s3, n_in, F16_LUT, FP8_LUT, t1.buf)  # gate's tile is done with
         tiled_swiglu(torch.from_numpy(xs).bfloat16(), t1, t3, a1.shape[0], h)
         return h
     h = np.empty((xs.shape[0], a1.shape[0]), dtype=np.float32)
@@ -1011,6 +1012,7 @@ def _moe_tiles(x, topk_ids, topk_weights, w1, w3, w2, least: int, y: np.ndarray)
     yt = torch.from_numpy(y)
     wflat = torch.from_numpy(np.ascontiguousarray(topk_weights, dtype=np.float32).reshape(-1))
     small = np.zeros(flat.shape[0], dtype=bool)
+    buf = scratch()  # one tile buffer, expert after expert
     for e in range(E):
         a, b = ends[e] - counts[e], ends[e]
         if counts[e] == 0:
@@ -1022,11 +1024,12 @@ def _moe_tiles(x, topk_ids, topk_weights, w1, w3, w2, least: int, y: np.ndarray)
         tokens = torch.from_numpy(sel // K)
         (f1, a1, s1), (f3, a3, s3), (f2, a2, s2) = w1, w3, w2
         h = torch.empty((b - a, inter), dtype=torch.float32)
-        t1 = Tiles(f1, a1[e], s1[e], hidden, F16_LUT, FP8_LUT)
-        t3 = Tiles(f3, a3[e], s3[e], hidden, F16_LUT, FP8_LUT)
+        t1 = Tiles(f1, a1[e], s1[e], hidden, F16_LUT, FP8_LUT, buf)
+        t3 = Tiles(f3, a3[e], s3[e], hidden, F16_LUT, FP8_LUT, buf)
         tiled_swiglu(xb[tokens], t1, t3, inter, h)
         ye = torch.empty((b - a, hidden), dtype=torch.float32)
-        tiled_matmul(h.bfloat16(), Tiles(f2, a2[e], s2[e], inter, F16_LUT, FP8_LUT), 0, hidden, ye)
+        t2 = Tiles(f2, a2[e], s2[e], inter, F16_LUT, FP8_LUT, buf)
+        tiled_matmul(h.bfloat16(), t2, 0, hidden, ye)
         yt.index_add_(0, tokens, ye.mul_(wflat[torch.from_numpy(sel)].unsqueeze(1)))
     if not small.any():
         return None

@@ -19,6 +19,8 @@ lookups are plain numba there.
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -270,8 +272,6 @@ def bf16_units() -> bool:
     """Whether the CPU numba compiles for has bf16 matrix or dot-product units (AMX-BF16,
     AVX512-BF16) that oneDNN's matmul (torch's) uses; without them a bf16 matmul converts to
     float32 and the streaming kernels are faster."""
-    import torch
-
     return bool({"amx-bf16", "avx512bf16"} & target_features()) and (
         torch.backends.mkldnn.is_available()
     )
@@ -301,31 +301,37 @@ def use_tiles(widen: bool | None, exact: bool, tokens: int) -> bool:
 
 
 def tile_rows(n_in: int) -> int:
+    """Rows of ``n_in`` bf16 values a tile holds (a multiple of the work items')."""
     return max(_ROWS, TILE_BYTES // (2 * n_in) // _ROWS * _ROWS)
+
+
+def scratch() -> np.ndarray:
+    """A tile's worth of bf16 scratch, for ``Tiles`` that take turns (one MoE call's experts):
+    a fresh 4 MiB buffer is a page fault per 4 KiB on first touch."""
+    return np.empty(TILE_BYTES // 2, dtype=np.uint16)
 
 
 class Tiles:
     """bf16 tiles of one stored weight: ``tile(r0, r1)`` is rows r0..r1 as a torch bf16
-    (r1 - r0, n_in) tensor, widened into one reused scratch buffer (BF16 rows: a view of the
-    stored bytes, no copy)."""
+    (r1 - r0, n_in) tensor, widened into a scratch buffer that the next tile reuses (BF16
+    rows: a view of the stored bytes, no copy)."""
 
-    def __init__(self, fmt: int, w: np.ndarray, scale: np.ndarray, n_in: int, lut, fp8):
+    def __init__(self, fmt: int, w: np.ndarray, scale: np.ndarray, n_in: int, lut, fp8, buf=None):
         self.fmt, self.w, self.scale, self.n_in, self.lut, self.fp8 = fmt, w, scale, n_in, lut, fp8
-        self.buf = np.empty((0, n_in), dtype=np.uint16)
+        self.buf = scratch() if buf is None else buf
 
-    def tile(self, r0: int, r1: int):
-        import torch
-
+    def tile(self, r0: int, r1: int) -> torch.Tensor:
         if self.fmt == FMT_BF16:
             return torch.from_numpy(self.w[r0:r1]).view(torch.bfloat16)
-        if self.buf.shape[0] < r1 - r0:
-            self.buf = np.empty((r1 - r0, self.n_in), dtype=np.uint16)
-        out = self.buf[: r1 - r0]
+        n = (r1 - r0) * self.n_in
+        if self.buf.shape[0] < n:  # a row wider than a tile
+            self.buf = np.empty(n, dtype=np.uint16)
+        out = self.buf[:n].reshape(r1 - r0, self.n_in)
         widen_rows(self.fmt, self.w, self.scale, r0, r1, self.lut, self.fp8, out)
         return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
 
 
-def tiled_matmul(xb, tiles: Tiles, r0: int, r1: int, y) -> None:
+def tiled_matmul(xb: torch.Tensor, tiles: Tiles, r0: int, r1: int, y: torch.Tensor) -> None:
     """y[:, :] = xb @ W[r0:r1].T: xb torch bf16 (T, in), y torch float32 (T, r1 - r0)."""
     step = tile_rows(tiles.n_in)
     for a in range(r0, r1, step):
@@ -333,10 +339,8 @@ def tiled_matmul(xb, tiles: Tiles, r0: int, r1: int, y) -> None:
         y[:, a - r0 : b - r0] = xb @ tiles.tile(a, b).T
 
 
-def tiled_swiglu(xb, t1: Tiles, t3: Tiles, rows: int, h) -> None:
+def tiled_swiglu(xb: torch.Tensor, t1: Tiles, t3: Tiles, rows: int, h: torch.Tensor) -> None:
     """h = silu(xb @ W1.T) * (xb @ W3.T) by tiles of both; h torch float32 (T, rows)."""
-    import torch.nn.functional as F
-
     step = tile_rows(t1.n_in)
     for a in range(0, rows, step):
         b = min(rows, a + step)
