@@ -30,6 +30,7 @@ from numba import njit, prange
 
 from localseek.options import set_threads
 from localseek.quant import QTensor
+from localseek.quant.cpu import widen
 from localseek.quant.cpu.kernels import qmatmul
 from localseek.quant.formats import FORMATS as REGISTRY
 from localseek.quant.formats import random_blocks
@@ -219,6 +220,7 @@ def main() -> None:
             if k in os.environ
         },
         "machine": machine(),
+        "fast_tiles_from_tokens": widen.MIN_TOKENS if widen.BF16_UNITS else None,
         "memory_read_gb_s": bandwidth,
         "memory_read_best_slice_gb_s": best_bandwidth,
         "memory_read_gb_s_after": bandwidth_after,
@@ -227,7 +229,9 @@ def main() -> None:
         "pool_bytes": pool_bytes,
         "note": (
             "exact: float32 activations; fast: activations quantized to int8 per 32 (GGML "
-            "formats; FP8 has only the float path). Fractions are of memory_read_gb_s taken "
+            "formats; FP8 has only the float path), or bf16 tiles where "
+            f"fast_tiles_from_tokens is not null (a CPU with bf16 units: {widen.BF16_UNITS}). "
+            "Fractions are of memory_read_gb_s taken "
             "at the start of this run; other jobs shared the machine when the load average "
             "exceeds the thread count. *_best_call_*: the fastest single call of the pool "
             "against the fastest single 64 MiB slice of the bandwidth test (what the kernel "
