@@ -145,14 +145,20 @@ def _decode(g: IRGen, fmt: int, w: ir.Value, lanes: int) -> list[list[ir.Value]]
             v = w if k == 3 else b.shl(w, splat(I32, lanes, 24 - 8 * k))
             out.append(b.sitofp(b.and_(v, top), vf))
         return [out]
-    # FP8 e4m3fn: byte at the top, arithmetic shift by 4 puts sign at bit 31 and the 7
-    # exponent/mantissa bits at 20..26: a float32 equal to the value * 2**-120 (subnormals too)
-    keep = splat(I32, lanes, -(1 << 31) + 0x07F00000)  # 0x87F00000
+    # FP8 e4m3fn: byte at the top; its sign to bit 15 and its 7 exponent/mantissa bits to 7..13
+    # make an f16 equal to the value * 2**-8, subnormals included, which vcvtph2ps widens to a
+    # normal float32. (Placing the bits straight into a float32 gives the value * 2**-120, whose
+    # subnormal inputs cost Intel cores a microcode assist per operation: 0.84 GB/s at batch 1.)
+    sign, bits = splat(I32, lanes, 0x8000), splat(I32, lanes, 0x3F80)
     out = []
     for k in range(4):
         v = w if k == 3 else b.shl(w, splat(I32, lanes, 24 - 8 * k))
-        v = b.and_(b.ashr(v, splat(I32, lanes, 4)), keep)
-        out.append(b.bitcast(v, vf))
+        h = b.or_(
+            b.and_(b.lshr(v, splat(I32, lanes, 16)), sign),
+            b.and_(b.lshr(v, splat(I32, lanes, 17)), bits),
+        )
+        half = b.bitcast(b.trunc(h, vec(I16, lanes)), vec(ir.HalfType(), lanes))
+        out.append(b.fpext(half, vf))
     return [out]
 
 
@@ -270,7 +276,7 @@ def make_rowdot(fmt: int, nt: int):
                         if fmt == FMT_FP8:
                             # chunk of 32 columns; its block scale is scale[r // 128, u // 4]
                             s = b.load(b.gep(scp, [b.sdiv(u, g.i64(4))], source_etype=F32))
-                            s = b.fmul(s, ir.Constant(F32, 2.0**120))
+                            s = b.fmul(s, ir.Constant(F32, 2.0**8))
                             woff = base
                         else:
                             d = g.f16(rowp, base, lutp)
