@@ -2,7 +2,7 @@
 
 Weights are never dequantized as a whole, and work is split over output rows with ``prange``
 so each thread reads a disjoint slice of the weight bytes. The entry points release the GIL,
-so the expert store's reader threads keep reading from disk while a kernel runs. Two paths:
+so the expert store's reader threads keep reading from disk while a kernel runs. Paths:
 
 - streaming (every GGML format, FP8 rows of whole 32-column chunks; any T): each row's bytes
   are decoded by the vector-IR intrinsics of ``rowdot`` once per 4 tokens, in blocks of
@@ -11,6 +11,8 @@ so the expert store's reader threads keep reading from disk while a kernel runs.
   ``exact=False`` (GGML formats): activations rounded to int8 per 32 (llama.cpp's Q8_0
   activations) and multiplied in integer arithmetic (vpdpbusd where the CPU has VNNI), exact
   for the rounded activations (about 0.5% relative RMS from the rounding).
+- bf16 tiles (fast mode, prefill batches, CPUs with AMX / AVX512-BF16; ``widen``): rows
+  widened to bf16 a few hundred at a time and multiplied by oneDNN's matmul (torch's).
 - tiles (FP8 rows of other widths): each worker decodes a tile of ``_TILE_ROWS`` rows by
   ``_TILE`` columns into float32 (the exact values ``QTensor.dequantize`` gives) and multiplies
   it with every token's activations; about ten times slower than streaming.
@@ -983,6 +985,7 @@ def moe_swiglu(
         float32 (N, hidden).
     """
     y = np.zeros(x.shape, dtype=np.float32)
+    # auto: tiles at all only where the CPU has bf16 units (use_tiles at any token count)
     if not exact and widen is not False and (widen or use_tiles(None, False, 1 << 30)):
         least = 1 if widen else MIN_EXPERT_TOKENS
         rest = _moe_tiles(x, topk_ids, topk_weights, w1, w3, w2, least, y)
