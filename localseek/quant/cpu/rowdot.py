@@ -250,6 +250,8 @@ def make_rowdot(fmt: int, nt: int):
                 with cgutils.for_range(b, n_units) as loop:
                     u = loop.index
                     base = b.mul(u, g.i64(bpu))
+                    for o in range(0, bpu, 64):  # as the int8 rows: PF bytes ahead
+                        g.prefetch(rowp, b.add(base, g.i64(PF + o)))
                     x0 = b.mul(u, g.i64(wpu))
                     if fmt == FMT_Q4_K:
                         d = g.f16(rowp, base, lutp)
