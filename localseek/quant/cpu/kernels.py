@@ -34,7 +34,12 @@ import torch
 from numba import njit, prange
 
 from localseek.quant.cpu.codes import make_rowdot_codes, make_rowdot_float
-from localseek.quant.cpu.rowdot import make_rowdot, make_rowdot_i8, superblock_int_sums
+from localseek.quant.cpu.rowdot import (
+    make_rowdot,
+    make_rowdot_fp8,
+    make_rowdot_i8,
+    superblock_int_sums,
+)
 from localseek.quant.cpu.widen import (
     MIN_EXPERT_TOKENS,
     Tiles,
@@ -83,12 +88,9 @@ FP8_LUT = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 ACT_SPAN_SUPERBLOCK = 256 if superblock_int_sums() else 32
 _TOKEN_BLOCK = 16  # tokens streamed per pass over a row chunk: (16, 7168) float32 is 458 KiB
 FASTMATH = {"contract", "reassoc"}  # float32 sums may be reordered and fused (still exact inputs)
-_RD1_Q8_0, _RD1_Q4_0, _RD1_Q4_K, _RD1_FP8 = (
-    make_rowdot(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K, FMT_FP8)
-)
-_RD4_Q8_0, _RD4_Q4_0, _RD4_Q4_K, _RD4_FP8 = (
-    make_rowdot(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K, FMT_FP8)
-)
+_RD1_Q8_0, _RD1_Q4_0, _RD1_Q4_K = (make_rowdot(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
+_RD4_Q8_0, _RD4_Q4_0, _RD4_Q4_K = (make_rowdot(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
+_RD1_FP8, _RD4_FP8 = make_rowdot_fp8(1), make_rowdot_fp8(4)
 _RQ1_Q8_0, _RQ1_Q4_0, _RQ1_Q4_K = (make_rowdot_i8(f, 1) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 _RQ4_Q8_0, _RQ4_Q4_0, _RQ4_Q4_K = (make_rowdot_i8(f, 4) for f in (FMT_Q8_0, FMT_Q4_0, FMT_Q4_K))
 # codes rows: _C{1,4}{Q,F}_<format>: 1 or 4 tokens, int8 (Q) or float32 (F) activations
@@ -276,8 +278,9 @@ def stream_ok(fmt: int, n_in: int) -> bool:
 
 @njit(cache=True)
 def _permute(fmt: int, x: np.ndarray) -> np.ndarray:
-    """Activations (T, in) in rowdot's order: within each run of 4 * L values (L = 4 for
-    Q4_0, else 8), value 4 * i + k goes to k * L + i, times 256**-k for the nibble formats."""
+    """Activations (T, in) in ``make_rowdot``'s order (Q8_0, Q4_0, Q4_K): within each run of
+    4 * L values (L = 4 for Q4_0, else 8), value 4 * i + k goes to k * L + i, times 256**-k
+    for the nibble formats."""
     T, n = x.shape
     lanes = 4 if fmt == FMT_Q4_0 else 8
     run = 4 * lanes
@@ -549,7 +552,9 @@ def prepare_activations(fmt: int, x: np.ndarray, exact: bool):
             return False, x, np.zeros((0, 0), np.int8), x, _block_sums(x, group)
         xq, dx, xs = _quantize(fmt, x)
         return True, x, xq, dx, _q_sums16(xq, dx) if group == 16 else xs
-    if exact or fmt == FMT_FP8:
+    if fmt == FMT_FP8:  # float32 activations in both modes, natural order
+        return False, x, np.zeros((0, 0), np.int8), x, x
+    if exact:
         return False, _permute(fmt, x), np.zeros((0, 0), np.int8), x, _block_sums(x)
     xq, dx, xs = _quantize(fmt, x)
     return True, x, xq, dx, xs

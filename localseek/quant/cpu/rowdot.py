@@ -32,10 +32,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from localseek.quant.formats import FMT_FP8, FMT_Q4_0, FMT_Q4_K, FMT_Q8_0
+from localseek.quant.formats import FMT_Q4_0, FMT_Q4_K, FMT_Q8_0
 
 # (weights per unit of the loop, stored bytes per unit, vector lanes)
-UNIT = {FMT_Q8_0: (32, 34, 8), FMT_Q4_0: (32, 18, 4), FMT_Q4_K: (256, 144, 8), FMT_FP8: (32, 32, 8)}
+UNIT = {FMT_Q8_0: (32, 34, 8), FMT_Q4_0: (32, 18, 4), FMT_Q4_K: (256, 144, 8)}
 
 I8, I16, I32, I64, F32 = (
     ir.IntType(8),
@@ -145,21 +145,6 @@ def _decode(g: IRGen, fmt: int, w: ir.Value, lanes: int) -> list[list[ir.Value]]
             v = w if k == 3 else b.shl(w, splat(I32, lanes, 24 - 8 * k))
             out.append(b.sitofp(b.and_(v, top), vf))
         return [out]
-    # FP8 e4m3fn: byte at the top; its sign to bit 15 and its 7 exponent/mantissa bits to 7..13
-    # make an f16 equal to the value * 2**-8, subnormals included, which vcvtph2ps widens to a
-    # normal float32. (Placing the bits straight into a float32 gives the value * 2**-120, whose
-    # subnormal inputs cost Intel cores a microcode assist per operation: 0.84 GB/s at batch 1.)
-    sign, bits = splat(I32, lanes, 0x8000), splat(I32, lanes, 0x3F80)
-    out = []
-    for k in range(4):
-        v = w if k == 3 else b.shl(w, splat(I32, lanes, 24 - 8 * k))
-        h = b.or_(
-            b.and_(b.lshr(v, splat(I32, lanes, 16)), sign),
-            b.and_(b.lshr(v, splat(I32, lanes, 17)), bits),
-        )
-        half = b.bitcast(b.trunc(h, vec(I16, lanes)), vec(ir.HalfType(), lanes))
-        out.append(b.fpext(half, vf))
-    return [out]
 
 
 def q4k_scale_bytes(g: IRGen, rowp: ir.Value, base: ir.Value):
@@ -192,7 +177,8 @@ def q4k_scales(g: IRGen, rowp: ir.Value, base: ir.Value, d: ir.Value, dmin: ir.V
 
 
 def make_rowdot(fmt: int, nt: int):
-    """An intrinsic ``rowdot(w, r0, nr, xp, t0, xsum, scale, lut, out, o0)``:
+    """Q8_0 / Q4_0 / Q4_K rows against float32 activations (exact): an intrinsic
+    ``rowdot(w, r0, nr, xp, t0, xsum, scale, lut, out, o0)``:
     out[o0 + t, i] = W[r0 + i] . x[t0 + t] for t < nt, i < nr.
 
     Rows are looped over inside the intrinsic, so a row costs no call and no array view.
@@ -201,7 +187,7 @@ def make_rowdot(fmt: int, nt: int):
         w: uint8 (rows, row_bytes) stored bytes, one row of blocks per output row.
         xp: float32 (T, in) activations permuted by ``kernels._permute`` for ``fmt``.
         xsum: float32 (T, in // 32) sums of the unpermuted activations per 32 (Q4_K, Q4_0).
-        scale: float32 (row_blocks, in // 128) FP8 block scales (others: unused).
+        scale: unused (the FP8 rows' argument: ``make_rowdot_fp8``).
         lut: float32 (65536,) f16 -> float32.
         out: float32 (tokens, nr) results.
     """
@@ -216,7 +202,7 @@ def make_rowdot(fmt: int, nt: int):
         def codegen(context, builder, sig, args):
             g = IRGen(context, builder)
             b = builder
-            wty, _, _, xpty, _, xsty, scty, lutty, outty, _ = sig.args
+            wty, _, _, xpty, _, xsty, _, lutty, outty, _ = sig.args
             wa = g.array(wty, args[0])
             r0v, nrv, t0v, o0v = args[1], args[2], args[4], args[9]
             xpa = g.array(xpty, args[3])
@@ -225,7 +211,6 @@ def make_rowdot(fmt: int, nt: int):
             xsa = g.array(xsty, args[5])
             xsp = xsa.data
             n_xs = b.extract_value(xsa.shape, 1)
-            sca = g.array(scty, args[6])
             lutp = g.data(lutty, args[7])
             outa = g.array(outty, args[8])
             n_units = b.sdiv(b.extract_value(wa.shape, 1), g.i64(bpu))
@@ -245,8 +230,6 @@ def make_rowdot(fmt: int, nt: int):
                         b.store(zero, a)
                     b.store(zero, mins[t])
                     b.store(ir.Constant(F32, 0.0), msum[t])
-                if fmt == FMT_FP8:  # the row's block scales: scale[r // 128]
-                    scp = b.bitcast(g.row(sca, b.sdiv(r, g.i64(128))), F32.as_pointer())
                 with cgutils.for_range(b, n_units) as loop:
                     u = loop.index
                     base = b.mul(u, g.i64(bpu))
@@ -275,15 +258,9 @@ def make_rowdot(fmt: int, nt: int):
                                     a = accs[t][h]
                                     b.store(b.fadd(b.load(a), b.fmul(sj, part)), a)
                     else:
-                        if fmt == FMT_FP8:
-                            # chunk of 32 columns; its block scale is scale[r // 128, u // 4]
-                            s = b.load(b.gep(scp, [b.sdiv(u, g.i64(4))], source_etype=F32))
-                            s = b.fmul(s, ir.Constant(F32, 2.0**8))
-                            woff = base
-                        else:
-                            d = g.f16(rowp, base, lutp)
-                            s = b.fmul(d, ir.Constant(F32, 2.0**-24)) if fmt == FMT_Q8_0 else d
-                            woff = b.add(base, g.i64(2))
+                        d = g.f16(rowp, base, lutp)
+                        s = b.fmul(d, ir.Constant(F32, 2.0**-24)) if fmt == FMT_Q8_0 else d
+                        woff = b.add(base, g.i64(2))
                         wv = g.load(rowp, woff, vi, I8)
                         halves = _decode(g, fmt, wv, lanes)
                         sv = g.bcast(s, lanes)
@@ -310,6 +287,96 @@ def make_rowdot(fmt: int, nt: int):
                     if fmt == FMT_Q4_0:
                         tot = b.fsub(tot, b.fmul(ir.Constant(F32, 8.0), b.load(msum[t])))
                     g.store2d(tot, outa, b.add(o0v, g.i64(t)), rows.index)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rowdot
+
+
+def fp8_values(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """<n x i8> FP8 e4m3fn bytes -> <n x float>, each value * 2**-8, in order.
+
+    Sign-extended to 16 bits and shifted left by 7, a byte's sign lands on bit 15 and its 7
+    exponent/mantissa bits on 13..7 (bit 14, a copy of the sign, is masked off): an f16 equal
+    to the value * 2**-8, subnormals included, which vcvtph2ps widens to a normal float32. Three
+    integer ops per 32 values (vpmovsxbw, vpsllw, vpand). Placing the bits straight into a
+    float32 gives the value * 2**-120, whose subnormals cost Intel cores a microcode assist per
+    operation (0.84 GB/s at batch 1); a 32-bit lane per byte took four times the ops."""
+    n = v.type.count
+    h = b.and_(b.shl(b.sext(v, vec(I16, n)), splat(I16, n, 7)), splat(I16, n, 0xBF80 - 0x10000))
+    return b.fpext(b.bitcast(h, vec(ir.HalfType(), n)), vec(F32, n))
+
+
+def make_rowdot_fp8(nt: int):
+    """FP8 e4m3fn rows with 128 x 128 block scales against float32 activations in their
+    natural order (both modes: the products are float32's): an intrinsic ``rowdot(w, r0, nr,
+    x, t0, xsum, scale, lut, out, o0)``, out[o0 + t, i] = W[r0 + i] . x[t0 + t] for t < nt,
+    i < nr; ``make_rowdot``'s arguments, xsum and lut unused, scale float32 (row_blocks,
+    col_blocks). Rows are whole 32-column chunks.
+
+    A step takes one 128-column block (two cache lines): four chunks of 32 widened by
+    ``fp8_values``, their products with x summed, then times the block's scale once; a
+    row's last partial block goes a chunk at a time."""
+    v32 = vec(F32, 32)
+    fm = ("contract",)
+
+    @intrinsic
+    def rowdot(typingctx, w, r0, nr, x, t0, xsum, scale, lut, out, o0):
+        sig = types.void(w, r0, nr, x, t0, xsum, scale, lut, out, o0)
+
+        def codegen(context, builder, sig, args):
+            g = IRGen(context, builder)
+            b = builder
+            wty, _, _, xty, _, _, scty, _, outty, _ = sig.args
+            wa = g.array(wty, args[0])
+            r0v, nrv, o0v = args[1], args[2], args[9]
+            xa = g.array(xty, args[3])
+            n_in = b.extract_value(xa.shape, 1)
+            sca = g.array(scty, args[6])
+            outa = g.array(outty, args[8])
+            n_chunks = b.sdiv(b.extract_value(wa.shape, 1), g.i64(32))
+            n_blocks = b.sdiv(n_chunks, g.i64(4))
+            accs = [cgutils.alloca_once(b, v32) for _ in range(nt)]
+            xrow = [b.mul(b.add(args[4], g.i64(t)), n_in) for t in range(nt)]
+
+            def step(rowp, scp, blk, c0, n_c: int) -> None:
+                """Chunks c0 .. c0 + n_c - 1 of block ``blk``: acc += s * sum w x."""
+                base = b.mul(c0, g.i64(32))
+                s = b.load(b.gep(scp, [blk], source_etype=F32))
+                sv = g.bcast(b.fmul(s, ir.Constant(F32, 2.0**8)), 32)
+                ws = [
+                    fp8_values(b, g.load(rowp, b.add(base, g.i64(32 * c)), vec(I8, 32), I8))
+                    for c in range(n_c)
+                ]
+                for t in range(nt):
+                    part = None
+                    for c, wv in enumerate(ws):
+                        xo = b.add(xrow[t], b.add(base, g.i64(32 * c)))
+                        pr = b.fmul(wv, g.load(xa.data, xo, v32, F32), flags=fm)
+                        part = pr if part is None else b.fadd(part, pr, flags=fm)
+                    a = accs[t]
+                    b.store(b.fadd(b.load(a), b.fmul(sv, part, flags=fm), flags=fm), a)
+
+            with cgutils.for_range(b, nrv) as rows:
+                r = b.add(r0v, rows.index)
+                rowp = g.row(wa, r)
+                scp = b.bitcast(g.row(sca, b.sdiv(r, g.i64(128))), F32.as_pointer())
+                for a in accs:
+                    b.store(ir.Constant(v32, None), a)
+                with cgutils.for_range(b, n_blocks) as loop:
+                    blk = loop.index
+                    c0 = b.mul(blk, g.i64(4))
+                    for o in (0, 64):
+                        g.prefetch(rowp, b.add(b.mul(blk, g.i64(128)), g.i64(PF + o)))
+                    step(rowp, scp, blk, c0, 4)
+                with cgutils.for_range_slice(b, b.mul(n_blocks, g.i64(4)), n_chunks, g.i64(1)) as (
+                    c,
+                    _,
+                ):
+                    step(rowp, scp, b.sdiv(c, g.i64(4)), c, 1)
+                for t in range(nt):
+                    g.store2d(g.hsum(b.load(accs[t]), 32), outa, b.add(o0v, g.i64(t)), rows.index)
             return context.get_dummy_value()
 
         return sig, codegen
