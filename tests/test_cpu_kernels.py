@@ -67,9 +67,10 @@ FLOAT_ONLY = {FP8_QTYPE, "ggml_f16", "ggml_bf16"}
 
 
 def _case_shape(qtype: str) -> tuple[int, int]:
-    """40 rows (a partial 64-row chunk); 288 columns (9 blocks: an odd last pair) for the
-    32-weight blocks, 512 for the 256-weight super-blocks."""
-    return (40, 512 if FORMATS[qtype].block == 256 else 288)
+    """40 rows (a partial 64-row chunk); 224 columns (7 blocks: a four-block step and three
+    lone blocks, or three pairs and a lone block) for the 32-weight blocks, 512 for the
+    256-weight super-blocks."""
+    return (40, 512 if FORMATS[qtype].block == 256 else 224)
 
 
 CASES = [(t, _case_shape(t)) for t in GGML_KERNEL_FORMATS] + [

@@ -178,19 +178,29 @@ def _qh_bits(b: ir.IRBuilder, qh: ir.Value, value: int) -> ir.Value:
     return b.select(mask, splat(I8, 32, value), splat(I8, 32, 0))
 
 
+def mxfp4_scales(b: ir.IRBuilder, e: ir.Value):
+    """MXFP4 exponent bytes e (i32, or a vector of them) -> (d, min 12 d), d = 2**(e - 128)
+    as gguf-py's ``e8m0_to_fp32_half`` (a subnormal below e = 2, (e - 1) << 23 above)."""
+
+    def k(v):
+        return splat(I32, e.type.count, v) if isinstance(e.type, ir.VectorType) else _i32(v)
+
+    small = b.icmp_unsigned("<", e, k(2))
+    bits = b.select(small, b.shl(k(0x00200000), e), b.shl(b.sub(e, k(1)), k(23)))
+    d = b.bitcast(bits, F32 if bits.type == I32 else vec(F32, e.type.count))
+    twelve = ir.Constant(F32, 12.0)
+    return d, b.fmul(d, twelve if d.type == F32 else ir.Constant(d.type, [12.0] * e.type.count))
+
+
 def block32(g: IRGen, fmt: int, rowp: ir.Value, base: ir.Value, lut: ir.Value, signed: bool):
     """One 32-weight block: (codes <32 x i8>, scale, min) as float scalars; ``signed``: IQ4_NL's
     codes are its signed table values and the min is None."""
     b = g.b
     at = lambda o: b.add(base, g.i64(o))  # noqa: E731
     if fmt == FMT_MXFP4:
-        e = b.zext(g.load(rowp, base, I8, I8), I32)
-        small = b.icmp_unsigned("<", e, _i32(2))
-        bits = b.select(small, b.shl(_i32(0x00200000), e), b.shl(b.sub(e, _i32(1)), _i32(23)))
-        d = b.bitcast(bits, F32)
+        d, mn = mxfp4_scales(b, b.zext(g.load(rowp, base, I8, I8), I32))
         nib = nibbles(b, g.load(rowp, at(1), vec(I8, 16), I8))
-        codes = _lookup(b, nib, [v + 12 for v in MXFP4_VALUES])
-        return codes, d, b.fmul(d, ir.Constant(F32, 12.0))
+        return _lookup(b, nib, [v + 12 for v in MXFP4_VALUES]), d, mn
     d = g.f16(rowp, base, lut)
     if fmt == FMT_IQ4_NL:
         nib = nibbles(b, g.load(rowp, at(2), vec(I8, 16), I8))
@@ -319,23 +329,36 @@ def _vec1(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return b.insert_element(ir.Constant(vec(F32, 1), ir.Undefined), v, _i32(0))
 
 
-def _pair(b: ir.IRBuilder, first, second):
-    """Two 32-weight blocks as one unit: (codes <64 x i8>, <2 x float> scales, mins)."""
-    (c0, s0, m0), (c1, s1, m1) = first, second
+def _gather(b: ir.IRBuilder, scalars: list[ir.Value]) -> ir.Value:
+    """Scalars of one type as a vector."""
+    v = ir.Constant(vec(scalars[0].type, len(scalars)), ir.Undefined)
+    for i, s in enumerate(scalars):
+        v = b.insert_element(v, s, _i32(i))
+    return v
 
-    def two(u, v):
-        return b.shuffle_vector(_vec1(b, u), _vec1(b, v), ir.Constant(vec(I32, 2), [0, 1]))
 
-    codes = b.shuffle_vector(c0, c1, ir.Constant(vec(I32, 64), list(range(64))))
-    return [codes], two(s0, s1), None if m0 is None else two(m0, m1)
+def _quad(g: IRGen, fmt: int, rowp: ir.Value, u: ir.Value, lut: ir.Value, signed: bool):
+    """Four 32-weight blocks from block ``u`` on as one unit: (two <64 x i8> code vectors,
+    <4 x float> scales, mins or None). MXFP4's exponents are decoded as one vector."""
+    b = g.b
+    bpu = UNITS[fmt][1]
+    bases = [b.mul(b.add(u, g.i64(k)), g.i64(bpu)) for k in range(4)]
+    blocks = [block32(g, fmt, rowp, base, lut, signed) for base in bases]
+    join = ir.Constant(vec(I32, 64), list(range(64)))
+    codes = [b.shuffle_vector(blocks[k][0], blocks[k + 1][0], join) for k in (0, 2)]
+    if fmt == FMT_MXFP4:  # LLVM drops the per-block scalar decodes block32 made
+        e = _gather(b, [b.zext(g.load(rowp, base, I8, I8), I32) for base in bases])
+        return codes, *mxfp4_scales(b, e)
+    sc = _gather(b, [blk[1] for blk in blocks])
+    return codes, sc, None if blocks[0][2] is None else _gather(b, [blk[2] for blk in blocks])
 
 
 def make_rowdot_codes(fmt: int, nt: int, exact: bool):
     """An intrinsic ``rowdot(w, r0, nr, x, t0, dx, xs, lut, out, o0)``:
     out[o0 + t, i] = W[r0 + i] . x[t0 + t] for t < nt, i < nr.
 
-    Super-block formats go a super-block per step; block formats two blocks per step (one
-    512-bit product), an odd last block alone.
+    Super-block formats go a super-block per step; block formats four blocks per step (two
+    512-bit products), the last ones (fewer than four) alone.
 
     Args (numba arrays):
         w: uint8 (rows, row_bytes) stored bytes, one row of blocks per output row.
@@ -388,12 +411,12 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
             srow = [b.mul(tok[t], n_xs) for t in range(nt)]
             xel = F32 if exact else I8
             # float accumulators, one per token and vector width: the products (a super-block
-            # or a pair of blocks, and a lone last block), and the mins (per group)
+            # or four blocks, and a lone block), and the mins (per group)
             lane = 1 if exact else 4  # weights per product lane
             widths = [8 if int_sb else 256 // 4 // lane] if sb else [64 // lane, 32 // lane]
             prods, mins = (
                 {wd: [cgutils.alloca_once(b, vec(F32, wd)) for _ in range(nt)] for wd in table}
-                for table in (widths, [] if int_sb else [16] if sb else [2, 1])
+                for table in (widths, [] if int_sb else [16] if sb else [4, 1])
             )
 
             def unit(codes, sc, mn, gw: int, x0, dx_at, xs_at) -> None:
@@ -499,15 +522,16 @@ def make_rowdot_codes(fmt: int, nt: int, exact: bool):
                             sc = b.fmul(g.bcast(d, 16), b.sitofp(isc, vec(F32, 16)))
                             unit(codes, sc, mn, 16, *at)
                 else:
-                    with cgutils.for_range(b, b.sdiv(n_units, g.i64(2))) as loop:
-                        u = b.mul(loop.index, g.i64(2))
-                        g.prefetch(rowp, b.add(b.mul(u, g.i64(bpu)), g.i64(PF)))
-                        codes, sc, mn = _pair(b, block(u), block(b.add(u, g.i64(1))))
+                    n_quads = b.sdiv(n_units, g.i64(4))
+                    with cgutils.for_range(b, n_quads) as loop:
+                        u = b.mul(loop.index, g.i64(4))
+                        for o in range(0, 4 * bpu, 64):
+                            g.prefetch(rowp, b.add(b.mul(u, g.i64(bpu)), g.i64(PF + o)))
+                        codes, sc, mn = _quad(g, fmt, rowp, u, lutp, signed)
                         unit(codes, sc, mn, 32, b.mul(u, g.i64(32)), u, u)
-                    odd = b.icmp_signed("!=", b.and_(n_units, g.i64(1)), g.i64(0))
-                    with b.if_then(odd, likely=False):
-                        u = b.sub(n_units, g.i64(1))
-                        code, sc, mn = block(u)
+                    first = b.mul(n_quads, g.i64(4))
+                    with cgutils.for_range_slice(b, first, n_units, g.i64(1)) as (u, _):
+                        code, sc, mn = block(u)  # the last blocks, one at a time
                         mn = None if mn is None else _vec1(b, mn)
                         unit([code], _vec1(b, sc), mn, 32, b.mul(u, g.i64(32)), u, u)
                 for t in range(nt):
